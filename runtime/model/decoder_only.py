@@ -1,0 +1,93 @@
+"""GPT-2: one decoder graph runs the prompt (empty past) and every later step (one token, growing past)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import Manifest, check_graph_io
+from .base import Prefill
+from .kv_cache import KVCache
+from .session import create_session
+
+
+class DecoderOnlyModel:
+    """Sessions and settings of a GPT-2 export; `prefill` starts a batch, the returned state steps it."""
+
+    def __init__(self, manifest: Manifest, directory: Path, device: str, intra_op_threads: int | None = None):
+        spec = manifest.graphs["decoder"]
+        self.session = create_session(directory / spec.file, device, intra_op_threads)
+        check_graph_io(
+            manifest, "decoder", [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
+        )
+        self.device = device
+        self.num_layers = manifest.num_layers
+        self.num_heads = manifest.num_heads
+        self.head_size = manifest.head_size
+        self.vocab_size = manifest.vocab_size
+        self.max_positions = manifest.max_positions
+        tokens = manifest.special_tokens
+        self.eos_token_ids = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
+        # GPT-2 has no padding token; transformers pads with EOS, and so do we (the ids reach the processors).
+        self.pad_token_id = tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_id or 0
+        self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+
+    def prefill(self, prompts: list[list[int]]) -> Prefill:
+        rows = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((rows, width), dtype=np.int64)
+        for r, prompt in enumerate(prompts):
+            input_ids[r, width - len(prompt) :] = prompt
+            attention_mask[r, width - len(prompt) :] = 1
+        # transformers' GPT-2 positions: count real tokens only; padding gets position 1 (masked anyway).
+        position_ids = np.where(attention_mask == 1, np.cumsum(attention_mask, axis=1) - 1, 1)
+        cache = KVCache(self.device)
+        empty = np.zeros((rows, self.num_heads, 0, self.head_size), dtype=np.float32)
+        for name in self.past_names:
+            cache.set_numpy(name, empty)
+        state = DecoderOnlyState(self, cache, attention_mask, attention_mask.sum(axis=1))
+        logits = state.run(input_ids, position_ids)
+        return Prefill(state=state, logits=logits, history=input_ids, prompt_lengths=attention_mask.sum(axis=1))
+
+
+class DecoderOnlyState:
+    def __init__(self, model: DecoderOnlyModel, cache: KVCache, attention_mask: np.ndarray, next_positions: np.ndarray):
+        self.model = model
+        self.cache = cache
+        self.attention_mask = attention_mask  # (R, T) int64, T = tokens seen so far incl. padding
+        self.next_positions = next_positions.astype(np.int64)  # (R,)
+
+    @property
+    def num_rows(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        session = self.model.session
+        binding = session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", self.attention_mask)
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        self.cache.bind(binding)
+        binding.bind_output("logits", "cpu")
+        for name in self.model.present_names:
+            binding.bind_output(name, self.cache.device)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        for past, present in zip(self.model.past_names, outputs[1:]):
+            self.cache.set_value(past, present)
+        return np.ascontiguousarray(outputs[0].numpy()[:, -1, :], dtype=np.float32)
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        rows = self.num_rows
+        self.attention_mask = np.concatenate([self.attention_mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        logits = self.run(token_ids.reshape(rows, 1).astype(np.int64), self.next_positions.reshape(rows, 1))
+        self.next_positions += 1
+        return logits
+
+    def select(self, rows: np.ndarray) -> None:
+        self.cache.select(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_positions = self.next_positions[rows]

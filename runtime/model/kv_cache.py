@@ -1,0 +1,42 @@
+"""Past keys/values between decoding steps, kept as ONNX Runtime values so present becomes past without a copy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .session import import_onnxruntime
+
+
+class KVCache:
+    """Maps each past input name of a graph to the OrtValue that feeds it.
+
+    `device` is where the tensors live ("cpu" or "cuda"); outputs are bound there too, so on CUDA the keys and
+    values never visit the host between steps.
+    """
+
+    def __init__(self, device: str = "cpu", device_id: int = 0) -> None:
+        self._ort = import_onnxruntime()
+        self.device = device
+        self.device_id = device_id
+        self.values: dict[str, object] = {}
+
+    def set_numpy(self, name: str, array: np.ndarray) -> None:
+        self.values[name] = self._ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(array), self.device, self.device_id
+        )
+
+    def set_value(self, name: str, value: object) -> None:
+        self.values[name] = value
+
+    def bind(self, binding) -> None:
+        for name, value in self.values.items():
+            binding.bind_ortvalue_input(name, value)
+
+    def sequence_length(self, name: str) -> int:
+        return int(self.values[name].shape()[2])
+
+    def select(self, rows: np.ndarray) -> None:
+        """Gather rows of every tensor (beam reordering, expansion, dropping finished rows)."""
+        # A host round trip on CUDA: device-side reordering is the GPU issue's job.
+        for name, value in self.values.items():
+            self.set_numpy(name, value.numpy()[rows])

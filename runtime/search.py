@@ -1,0 +1,142 @@
+"""Search strategies for one prompt. A strategy owns its rows' choices; the generator owns the model and batch.
+
+`SamplingSearch` runs `n` independent sequences (greedy is sampling with the argmax as selector);
+`BeamGroupSearch` wraps `BeamSearch`. Both answer the same few questions, so the generator never branches on
+the strategy inside its loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .beam_search import BeamSearch
+from .config import DecodingPlan
+from .sampling import greedy, make_row_rng, sample, token_logprobs
+
+
+@dataclass
+class SequenceOutput:
+    """One finished (or cancelled) output sequence."""
+
+    token_ids: list[int]
+    finish_reason: str  # "length", "eos", "stop" or "cancelled"
+    logprobs: list[float] = field(default_factory=list)  # per generated token, log-softmax of the raw logits
+    score: float | None = None  # beam search: the normalised hypothesis score
+    text: str | None = None  # set when a stop string cut the text
+
+
+class SamplingSearch:
+    """`num_sequences` independent rows: greedy (argmax) or sampling, each row with its own random generator."""
+
+    def __init__(self, plan: DecodingPlan, min_new: int, max_new: int, eos_token_ids: tuple[int, ...]):
+        n = plan.num_return_sequences
+        self.do_sample = plan.do_sample
+        self.rngs = [make_row_rng(plan.seed, i) for i in range(n)] if plan.do_sample else []
+        self.min_new, self.max_new = min_new, max_new
+        self.eos = np.asarray(eos_token_ids, dtype=np.int64)
+        self.live = list(range(n))  # sequence index of each live row, in row order
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(n)]
+        self.outputs: list[SequenceOutput | None] = [None] * n
+        self.stepped: list[int] = []
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.live)
+
+    @property
+    def done(self) -> bool:
+        return not self.live
+
+    def suppress_eos(self) -> np.ndarray:
+        generated = np.array([len(self.tokens[s]) for s in self.live])
+        return generated < self.min_new
+
+    def advance(self, scores: np.ndarray, logits: np.ndarray) -> None:
+        """Pick one token per live row from processed `scores` (R, V); finish rows on EOS or length.
+        Log-probs are reported under the model's own distribution (`logits`), before any processor."""
+        tokens = sample(scores, [self.rngs[s] for s in self.live]) if self.do_sample else greedy(scores)
+        logprobs = token_logprobs(logits, tokens)
+        self.stepped = list(self.live)  # the sequence behind each row of this step
+        for row, seq in enumerate(self.stepped):
+            self.tokens[seq].append(int(tokens[row]))
+            self.logprobs[seq].append(float(logprobs[row]))
+            if self.eos.size and tokens[row] in self.eos:
+                self.finish_sequence(seq, "eos")
+            elif len(self.tokens[seq]) >= self.max_new:
+                self.finish_sequence(seq, "length")
+
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows of this step go on (positions in the step's rows), and the token each feeds next."""
+        rows = np.array([self.stepped.index(seq) for seq in self.live], dtype=np.int64)
+        tokens = np.array([self.tokens[seq][-1] for seq in self.live], dtype=np.int64)
+        return rows, tokens
+
+    def finish_sequence(self, seq: int, reason: str, text: str | None = None) -> None:
+        if seq in self.live:
+            self.live.remove(seq)
+            self._finish(seq, reason, text)
+
+    def _finish(self, seq: int, reason: str, text: str | None = None) -> None:
+        self.outputs[seq] = SequenceOutput(self.tokens[seq], reason, self.logprobs[seq], text=text)
+
+    def cancel(self) -> None:
+        for seq in list(self.live):
+            self.finish_sequence(seq, "cancelled")
+
+    def results(self) -> list[SequenceOutput]:
+        return [out for out in self.outputs if out is not None]
+
+
+class BeamGroupSearch:
+    """One prompt's beam search (or beam sampling); its rows are the running beams."""
+
+    def __init__(self, plan: DecodingPlan, min_new: int, max_new: int, eos_token_ids: tuple[int, ...]):
+        self.min_new = min_new
+        self.num_return_sequences = plan.num_return_sequences
+        self.eos = tuple(eos_token_ids)
+        self.beams = BeamSearch(
+            num_beams=plan.num_beams,
+            max_new_tokens=max_new,
+            eos_token_ids=eos_token_ids,
+            length_penalty=plan.length_penalty,
+            early_stopping=plan.early_stopping,
+            do_sample=plan.do_sample,
+            rng=make_row_rng(plan.seed, 0) if plan.do_sample else None,
+        )
+        self.cancelled = False
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self.done else self.beams.num_beams
+
+    @property
+    def done(self) -> bool:
+        return self.beams.done or self.cancelled
+
+    def suppress_eos(self) -> np.ndarray:
+        return np.full(self.beams.num_beams, self.beams.generated < self.min_new)
+
+    def advance(self, scores: np.ndarray, logits: np.ndarray) -> None:
+        self._parents, self._tokens = self.beams.advance(scores)
+
+    def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.done:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return self._parents.astype(np.int64), self._tokens.astype(np.int64)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def results(self) -> list[SequenceOutput]:
+        outputs = []
+        for hyp in self.beams.best(self.num_return_sequences):
+            tokens = [int(t) for t in hyp.token_ids]
+            if self.cancelled and not hyp.finished:
+                reason = "cancelled"
+            else:
+                reason = "eos" if tokens and tokens[-1] in self.eos else "length"
+            outputs.append(SequenceOutput(tokens, reason, score=hyp.score))
+        return outputs

@@ -1,0 +1,78 @@
+"""Text <-> ids through the `tokenizers` library alone, decoding as transformers' `decode()` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import TokenizerSpec
+
+# transformers' `clean_up_tokenization`: spaces that old word-level tokenizers put before punctuation and
+# English contractions. Applied only when the exported tokenizer asked for it.
+_CLEANUPS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_up_tokenization(text: str) -> str:
+    for before, after in _CLEANUPS:
+        text = text.replace(before, after)
+    return text
+
+
+class TextTokenizer:
+    def __init__(self, directory: str | Path, spec: TokenizerSpec):
+        from tokenizers import Tokenizer
+
+        self.spec = spec
+        self.backend = Tokenizer.from_file(str(Path(directory) / spec.file))
+        self.backend.no_padding()
+        self.backend.no_truncation()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=self.spec.add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        encodings = self.backend.encode_batch(texts, add_special_tokens=self.spec.add_special_tokens)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.backend.decode(list(ids), skip_special_tokens=True)
+        return clean_up_tokenization(text) if self.spec.clean_up_tokenization_spaces else text
+
+
+class IncrementalDecoder:
+    """Turns a growing list of ids into text pieces that never need rewriting.
+
+    Each call decodes the whole sequence and emits what is new, holding back a trailing replacement character
+    (a multi-byte character whose bytes have not all arrived) and any tail that could be the start of a stop
+    string, so the concatenated pieces always equal the final text.
+    """
+
+    def __init__(self, decode, stops: tuple[str, ...] = ()):
+        self.decode = decode
+        self.stops = stops
+        self.emitted = 0
+
+    def _safe_end(self, text: str) -> int:
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
+            end -= 1
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, end), 0, -1):
+                if text.endswith(stop[:size], 0, end):
+                    end = min(end, len(text[:end]) - size)
+                    break
+        return max(end, self.emitted)
+
+    def piece(self, ids: list[int]) -> str:
+        text = self.decode(ids)
+        end = self._safe_end(text)
+        out = text[self.emitted : end]
+        self.emitted = end
+        return out
+
+    def finish(self, final_text: str) -> str:
+        out = final_text[self.emitted :]
+        self.emitted = len(final_text)
+        return out
