@@ -1,9 +1,13 @@
-"""The step-by-step generator: a batch of prompts, each with its own plan, advanced one token per step.
+"""The step-by-step generator: prompts, each with its own plan, advanced one token per step.
 
 It drives any `LanguageModel` (it never sees ONNX) and any mix of strategies: each prompt gets a search
-(`SamplingSearch` or `BeamGroupSearch`) that owns a contiguous block of rows. Per step: scores for all rows go
+(`SamplingSearch` or `BeamGroupSearch`) that owns a contiguous block of rows. Per step, scores for all rows go
 through one `LogitsChain` with per-row parameters, each search picks its rows' tokens and says which rows go on,
 and the model gathers its cache to those rows — dropping finished rows, reordering beams — in one `select`.
+
+Prompts can join while others run (`add`): they are prefilled on their own and their rows merged into the running
+batch where the model state allows it (`extend`), or else stepped as a separate cohort. Either way a prompt's
+output never depends on what shares its batch.
 
     generator.start(prompts, plans)
     while not generator.is_done():
@@ -28,108 +32,84 @@ from .stopping import StopStringWatcher
 class TokenEvent:
     """One new token of one sequence; beam search reports only at the end (`token_id` is then None)."""
 
-    prompt: int  # index of the prompt in `start`
+    prompt: int  # the handle `add`/`start` returned for the prompt
     sequence: int  # index of the sequence within that prompt
     token_id: int | None
     logprob: float | None
     finish_reason: str | None  # set on the sequence's last event
 
 
-class Generator:
-    def __init__(self, model: LanguageModel, detokenize: Callable[[list[int]], str] | None = None):
-        self.model = model
-        self.detokenize = detokenize
-        self.searches: list[SamplingSearch | BeamGroupSearch] = []
+@dataclass
+class _Entry:
+    search: SamplingSearch | BeamGroupSearch
+    watcher: StopStringWatcher | None
+    rows: int  # rows of this prompt in its cohort's batch
 
-    def start(self, prompts: list[list[int]], plans: list[DecodingPlan]) -> None:
-        if len(prompts) != len(plans):
-            raise ValueError(f"start needs one plan per prompt: {len(prompts)} prompts, {len(plans)} plans")
-        if not prompts:
-            raise ValueError("start needs at least one prompt")
-        prefill = self.model.prefill(prompts)
-        eos = tuple(self.model.eos_token_ids)
-        self.eos_ids = np.asarray(eos, dtype=np.int64)
-        self.searches, self.watchers, row_params = [], [], []
-        for plan, prompt_length in zip(plans, prefill.prompt_lengths):
-            min_new, max_new = plan.new_token_bounds(int(prompt_length))
-            cls = BeamGroupSearch if plan.is_beam_search else SamplingSearch
-            self.searches.append(cls(plan, min_new, max_new, eos))
-            self.watchers.append(StopStringWatcher(plan.stop, self.detokenize) if plan.stop else None)
-            row_params.append(_row_params(plan, plan.rows_per_prompt, len(eos)))
+
+class _Cohort:
+    """Rows that share one model state: prompts prefilled together, plus those merged in later."""
+
+    def __init__(self, prefill, handles: list[int], entries: dict[int, _Entry], plans, eos_count: int):
         counts = np.array([p.rows_per_prompt for p in plans])
-        rows = np.repeat(np.arange(len(prompts)), counts)  # expand each prompt into its sequences or beams
+        rows = np.repeat(np.arange(len(plans)), counts)  # expand each prompt into its sequences or beams
         self.state = prefill.state
         self.state.select(rows)
         self.logits = prefill.logits[rows]
         self.history = prefill.history[rows]
-        self.rows_in_batch = counts.tolist()  # rows of each prompt in the current batch, in prompt order
         self.is_beam_row = np.repeat([p.is_beam_search for p in plans], counts)
-        self.chain = LogitsChain(RowParams.concat(row_params))
+        self.chain = LogitsChain(RowParams.concat([_row_params(p, p.rows_per_prompt, eos_count) for p in plans]))
+        self.handles = list(handles)  # prompts in row order
+        self.entries = entries
 
-    def is_done(self) -> bool:
-        return all(search.done for search in self.searches)
+    @property
+    def done(self) -> bool:
+        return all(self.entries[h].rows == 0 or self.entries[h].search.done for h in self.handles)
 
-    def cancel(self, prompt: int) -> None:
-        """Stop prompt `prompt`'s sequences; its rows leave the batch at the next step."""
-        self.searches[prompt].cancel()
+    def merge(self, other: _Cohort) -> None:
+        """Append `other`'s rows to this batch (the model state pads the shorter cache)."""
+        self.state.extend(other.state)
+        width = max(self.history.shape[1], other.history.shape[1])
+        self.history = np.concatenate([_pad_left(self.history, width), _pad_left(other.history, width)])
+        self.logits = np.concatenate([self.logits, other.logits])
+        self.is_beam_row = np.concatenate([self.is_beam_row, other.is_beam_row])
+        self.chain = LogitsChain(RowParams.concat([self.chain.params, other.chain.params]))
+        self.handles += other.handles
 
-    def step(self) -> list[TokenEvent]:
-        if self.is_done():
-            return []
+    def step(self, eos_ids: np.ndarray, events_of) -> list[TokenEvent]:
         scores = self.logits.copy()
         if self.is_beam_row.any():  # beam search ranks by log-probabilities, as transformers does
             scores[self.is_beam_row] = log_softmax(scores[self.is_beam_row])
-        eos_mask = np.concatenate(
-            [self._suppress_eos(search, n) for search, n in zip(self.searches, self.rows_in_batch)]
-        )
-        scores = self.chain(self.history, scores, eos_mask, self.eos_ids)
+        eos_mask = np.concatenate([self._suppress_eos(self.entries[h]) for h in self.handles])
+        scores = self.chain(self.history, scores, eos_mask, eos_ids)
         events, keep, tokens, offset = [], [], [], 0
-        for index, (search, n) in enumerate(zip(self.searches, self.rows_in_batch)):
-            if n and not search.done:
+        for handle in self.handles:
+            entry = self.entries[handle]
+            n = entry.rows
+            if n and not entry.search.done:
                 rows = slice(offset, offset + n)
-                search.advance(scores[rows], self.logits[rows])
-                events.extend(self._events(index, search))
-                parents, next_tokens = search.next_rows()
+                entry.search.advance(scores[rows], self.logits[rows])
+                events.extend(events_of(handle, entry))
+                parents, next_tokens = entry.search.next_rows()
                 keep.append(parents + offset)
                 tokens.append(next_tokens)
-                self.rows_in_batch[index] = len(parents)
+                entry.rows = len(parents)
             else:
-                self.rows_in_batch[index] = 0
+                entry.rows = 0
             offset += n
-        self._advance_batch(np.concatenate(keep), np.concatenate(tokens))
+        self.handles = [h for h in self.handles if self.entries[h].rows]
+        if keep:
+            self._advance_batch(np.concatenate(keep), np.concatenate(tokens))
         return events
 
-    def _suppress_eos(self, search, rows: int) -> np.ndarray:
-        if rows == 0:
-            return np.zeros(0, dtype=bool)
-        if search.done:
-            return np.zeros(rows, dtype=bool)
-        return search.suppress_eos()
-
-    def _events(self, index: int, search) -> list[TokenEvent]:
-        if isinstance(search, BeamGroupSearch):
-            if not search.done:
-                return []
-            return [TokenEvent(index, i, None, None, out.finish_reason) for i, out in enumerate(search.results())]
-        watcher = self.watchers[index]
-        events = []
-        for seq in search.stepped:
-            output = search.outputs[seq]
-            if watcher is not None and (output is None or output.finish_reason == "length"):
-                cut = watcher.check(seq, search.tokens[seq])
-                if cut is not None:
-                    if output is None:
-                        search.finish_sequence(seq, "stop", text=cut)
-                    else:
-                        output.finish_reason, output.text = "stop", cut
-                    output = search.outputs[seq]
-            reason = output.finish_reason if output is not None else None
-            events.append(TokenEvent(index, seq, search.tokens[seq][-1], search.logprobs[seq][-1], reason))
-        return events
+    @staticmethod
+    def _suppress_eos(entry: _Entry) -> np.ndarray:
+        if entry.rows == 0 or entry.search.done:
+            return np.zeros(entry.rows, dtype=bool)
+        return entry.search.suppress_eos()
 
     def _advance_batch(self, keep: np.ndarray, tokens: np.ndarray) -> None:
         if keep.size == 0:
-            return  # everything finished: no model call
+            return  # every row finished: no model call
         if keep.size != self.state.num_rows or np.any(keep != np.arange(keep.size)):
             self.state.select(keep)
             self.history = self.history[keep]
@@ -138,9 +118,102 @@ class Generator:
         self.history = np.concatenate([self.history, tokens[:, None]], axis=1)
         self.logits = self.state.step(tokens)
 
+
+class Generator:
+    def __init__(self, model: LanguageModel, detokenize: Callable[[list[int]], str] | None = None):
+        self.model = model
+        self.detokenize = detokenize
+        self.eos_ids = np.asarray(tuple(model.eos_token_ids), dtype=np.int64)
+        self.entries: dict[int, _Entry] = {}
+        self.cohorts: list[_Cohort] = []
+        self._next_handle = 0
+
+    def start(self, prompts: list[list[int]], plans: list[DecodingPlan]) -> list[int]:
+        """Forget everything and begin these prompts."""
+        self.entries, self.cohorts = {}, []
+        return self.add(prompts, plans)
+
+    def add(self, prompts: list[list[int]], plans: list[DecodingPlan]) -> list[int]:
+        """Begin prompts now; they take their first step with the next `step()`. Returns their handles."""
+        if len(prompts) != len(plans):
+            raise ValueError(f"add needs one plan per prompt: {len(prompts)} prompts, {len(plans)} plans")
+        if not prompts:
+            raise ValueError("add needs at least one prompt")
+        prefill = self.model.prefill(prompts)
+        eos = tuple(int(t) for t in self.eos_ids)
+        handles = list(range(self._next_handle, self._next_handle + len(prompts)))
+        self._next_handle += len(prompts)
+        for handle, plan, prompt_length in zip(handles, plans, prefill.prompt_lengths):
+            min_new, max_new = plan.new_token_bounds(int(prompt_length))
+            search_class = BeamGroupSearch if plan.is_beam_search else SamplingSearch
+            watcher = StopStringWatcher(plan.stop, self.detokenize) if plan.stop else None
+            self.entries[handle] = _Entry(search_class(plan, min_new, max_new, eos), watcher, plan.rows_per_prompt)
+        cohort = _Cohort(prefill, handles, self.entries, plans, len(eos))
+        self.cohorts = [c for c in self.cohorts if not c.done]
+        if self.cohorts and hasattr(self.cohorts[0].state, "extend"):
+            self.cohorts[0].merge(cohort)
+        else:
+            self.cohorts.append(cohort)
+        return handles
+
+    def is_done(self) -> bool:
+        return all(entry.search.done for entry in self.entries.values())
+
+    def is_finished(self, handle: int) -> bool:
+        return self.entries[handle].search.done
+
+    def cancel(self, handle: int) -> None:
+        """Stop a prompt's sequences; its rows leave the batch at the next step."""
+        self.entries[handle].search.cancel()
+
+    def step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        for cohort in self.cohorts:
+            if not cohort.done:
+                events.extend(cohort.step(self.eos_ids, self._events))
+        self.cohorts = [c for c in self.cohorts if not c.done]
+        return events
+
     def results(self) -> list[list[SequenceOutput]]:
-        """Per prompt, its output sequences (after `is_done()`; cancelled ones included)."""
-        return [search.results() for search in self.searches]
+        """Per prompt, in handle order, its output sequences (cancelled ones included)."""
+        return [entry.search.results() for entry in self.entries.values()]
+
+    def pop(self, handle: int) -> list[SequenceOutput]:
+        """A finished prompt's output sequences; the generator forgets the prompt."""
+        entry = self.entries[handle]
+        if not entry.search.done:
+            raise ValueError(f"prompt {handle} is still generating; cancel it first or wait for is_finished()")
+        del self.entries[handle]
+        return entry.search.results()
+
+    def _events(self, handle: int, entry: _Entry) -> list[TokenEvent]:
+        search = entry.search
+        if isinstance(search, BeamGroupSearch):
+            if not search.done:
+                return []
+            return [TokenEvent(handle, i, None, None, out.finish_reason) for i, out in enumerate(search.results())]
+        events = []
+        for seq in search.stepped:
+            output = search.outputs[seq]
+            if entry.watcher is not None and (output is None or output.finish_reason == "length"):
+                cut = entry.watcher.check(seq, search.tokens[seq])
+                if cut is not None:
+                    if output is None:
+                        search.finish_sequence(seq, "stop", text=cut)
+                    else:
+                        output.finish_reason, output.text = "stop", cut
+                    output = search.outputs[seq]
+            reason = output.finish_reason if output is not None else None
+            events.append(TokenEvent(handle, seq, search.tokens[seq][-1], search.logprobs[seq][-1], reason))
+        return events
+
+
+def _pad_left(history: np.ndarray, width: int) -> np.ndarray:
+    """Rows of different lengths share one matrix; -1 marks "no token" and the processors skip it."""
+    missing = width - history.shape[1]
+    if missing == 0:
+        return history
+    return np.concatenate([np.full((history.shape[0], missing), -1, dtype=history.dtype), history], axis=1)
 
 
 def _row_params(plan: DecodingPlan, rows: int, num_eos: int) -> RowParams:

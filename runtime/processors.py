@@ -37,7 +37,7 @@ def repetition_penalty(input_ids: np.ndarray, scores: np.ndarray, penalty) -> np
     rows = np.flatnonzero(penalty != 1.0)
     if rows.size == 0:
         return scores
-    r, c = np.nonzero(input_ids[rows] >= 0)
+    r, c = np.divmod(np.flatnonzero(input_ids[rows] >= 0), input_ids.shape[1])  # 1-D: faster than 2-D nonzero
     r = rows[r]
     tok = input_ids[r, c]
     old = scores[r, tok]  # a copy: duplicates of one id all read the original score and write the same value
@@ -129,44 +129,41 @@ def top_p(scores: np.ndarray, p, min_tokens_to_keep=1) -> np.ndarray:
     ``p`` (R,) float, 1.0 = off. A token is kept when the mass of the tokens ranked above it is < p (transformers
     removes tokens whose ascending cumulative probability is <= 1 - p: the same set, up to floating-point rounding
     at the boundary), and the top ``min_tokens_to_keep`` are always kept. Among tokens tied on the boundary score,
-    which ones survive is unspecified (as with transformers' unstable sort). Only the top m of each row are sorted,
-    m growing until they cover p; after top-k that is one small sort.
+    which ones survive is unspecified (as with transformers' unstable sort).
     """
-    n_rows, vocab = scores.shape
+    n_rows = scores.shape[0]
     p = _per_row(p, n_rows, np.float64)
-    rows = np.flatnonzero(p < 1.0)
-    if rows.size == 0:
-        return scores
-    min_keep = _per_row(min_tokens_to_keep, n_rows, np.int64)[rows]
-    sub = scores[rows]  # (Rp, V)
-    top = sub.max(axis=1, keepdims=True)
-    mass = np.exp(sub - top).sum(axis=1, dtype=np.float64)  # softmax normaliser relative to the row maximum
-    out = np.full_like(sub, _NEG_INF)
-    pending = np.arange(rows.size)
-    m = max(64, int(min_keep.max()))
-    while pending.size:
-        m = min(m, vocab)
-        part = sub[pending]
-        if m < vocab:
-            idx = np.argpartition(part, vocab - m, axis=1)[:, vocab - m :]  # the top m, unordered
-        else:
-            idx = np.broadcast_to(np.arange(vocab), part.shape)
-        vals = np.take_along_axis(part, idx, axis=1)
-        order = np.argsort(-vals, axis=1, kind="stable")  # (Rq, m) descending
-        idx = np.take_along_axis(idx, order, axis=1)
-        vals = np.take_along_axis(vals, order, axis=1)
-        prob = np.exp(vals.astype(np.float64) - top[pending]) / mass[pending, None]
-        cum = np.cumsum(prob, axis=1)
-        done = (cum[:, -1] >= p[rows[pending]]) | (m == vocab)
-        above = cum[done] - prob[done]  # mass ranked strictly above each candidate
-        n_keep = (above < p[rows[pending[done]], None]).sum(axis=1)
-        n_keep = np.minimum(np.maximum(n_keep, min_keep[pending[done]]), m)
-        rr, cc = np.nonzero(np.arange(m) < n_keep[:, None])
-        out[pending[done][rr], idx[done][rr, cc]] = vals[done][rr, cc]
-        pending = pending[~done]
-        m *= 4
-    scores[rows] = out
+    keep = _per_row(min_tokens_to_keep, n_rows, np.int64)
+    for r in np.flatnonzero(p < 1.0).tolist():  # 1-D selection is several times faster than along axis 1
+        _top_p_row(scores[r], float(p[r]), int(keep[r]))
     return scores
+
+
+def _top_p_row(row: np.ndarray, p: float, keep: int) -> None:
+    """Top-p on one row (V,), in place. Only the finite entries count (after top-k they are few), and of those
+    only the top m are sorted, m growing until they cover p: never a full sort of the vocabulary."""
+    fin = np.flatnonzero(row > -np.inf)
+    n = fin.size
+    if n <= keep:
+        return
+    vals = row[fin]
+    top = vals.max()
+    mass = np.exp(vals - top).sum(dtype=np.float64)  # softmax normaliser, relative to the maximum
+    m = min(n, max(64, keep))
+    while True:
+        cand = np.argpartition(vals, n - m)[n - m :] if m < n else np.arange(n)
+        cand = cand[np.argsort(-vals[cand], kind="stable")]  # descending
+        prob = np.exp(vals[cand].astype(np.float64) - top) / mass
+        cum = np.cumsum(prob)
+        if cum[-1] >= p or m == n:  # the candidates cover p: everything outside them is removed
+            break
+        m = min(4 * m, n)
+    above = np.concatenate(([0.0], cum[:-1]))  # mass ranked strictly above each candidate
+    n_keep = min(max(int(np.count_nonzero(above < p)), keep), m)
+    kept = fin[cand[:n_keep]]
+    kept_vals = row[kept]
+    row.fill(_NEG_INF)
+    row[kept] = kept_vals
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:

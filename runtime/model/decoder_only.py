@@ -91,3 +91,18 @@ class DecoderOnlyState:
         self.cache.select(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_positions = self.next_positions[rows]
+
+    def extend(self, other: DecoderOnlyState) -> None:
+        """Take in rows prefilled separately (continuous batching): caches and masks are left-padded to the
+        longer of the two, so every row keeps its own positions."""
+        length = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
+        self.cache.extend(other.cache, length)
+        self.attention_mask = np.concatenate(
+            [_pad_mask(self.attention_mask, length), _pad_mask(other.attention_mask, length)]
+        )
+        self.next_positions = np.concatenate([self.next_positions, other.next_positions])
+
+
+def _pad_mask(mask: np.ndarray, length: int) -> np.ndarray:
+    missing = length - mask.shape[1]
+    return mask if missing == 0 else np.concatenate([np.zeros((mask.shape[0], missing), mask.dtype), mask], axis=1)

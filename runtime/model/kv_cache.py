@@ -40,3 +40,19 @@ class KVCache:
         # A host round trip on CUDA: device-side reordering is the GPU issue's job.
         for name, value in self.values.items():
             self.set_numpy(name, value.numpy()[rows])
+
+    def extend(self, other: KVCache, length: int) -> None:
+        """Append `other`'s rows; both caches are left-padded with zeros to `length` positions (the attention
+        mask hides the padding)."""
+        for name, value in self.values.items():
+            mine, theirs = value.numpy(), other.values[name].numpy()
+            self.set_numpy(name, np.concatenate([_pad_positions(mine, length), _pad_positions(theirs, length)]))
+
+
+def _pad_positions(array: np.ndarray, length: int) -> np.ndarray:
+    """(R, H, T, D) -> (R, H, length, D), zeros in front."""
+    missing = length - array.shape[2]
+    if missing == 0:
+        return array
+    pad = np.zeros(array.shape[:2] + (missing,) + array.shape[3:], dtype=array.dtype)
+    return np.concatenate([pad, array], axis=2)
