@@ -49,12 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    from onnxgen.export.cli import add_export_arguments  # argument definitions only: no torch
+
     export = commands.add_parser("export", help="export a Hugging Face checkpoint (needs onnxgen[export])")
-    export.add_argument("source", help="Hub id (gpt2, t5-small, ...) or a local checkpoint folder")
-    export.add_argument("output_dir")
-    export.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
-    export.add_argument("--atol", type=float, default=None, help="tolerance of the ONNX-vs-PyTorch logits check")
-    export.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch logits check")
+    add_export_arguments(export)
 
     generate = commands.add_parser("generate", help="generate text from an exported model directory")
     generate.add_argument("model_dir")
@@ -77,14 +75,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from onnxgen.export import export_model
+    from onnxgen.export.cli import run_export
 
-    options: dict[str, Any] = {"force": args.force, "verify": not args.no_verify}
-    if args.atol is not None:
-        options["atol"] = args.atol
-    manifest = export_model(args.source, args.output_dir, **options)
-    print(f"exported {manifest.architecture} to {args.output_dir}")
-    return 0
+    return run_export(args)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -1,0 +1,195 @@
+"""The generator and the searches, driven by a scripted NumPy model: no ONNX, no torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxgen.config import GenerationConfig, ModelDefaults, resolve
+from onnxgen.generator import Generator
+from onnxgen.model.base import Prefill
+
+VOCAB = 12
+EOS = 0
+
+
+class TableModel:
+    """Next-token logits are a fixed random function of the last two tokens, so a row's output depends only on
+    its own history — whatever else is in the batch."""
+
+    vocab_size = VOCAB
+    eos_token_ids = (EOS,)
+
+    def __init__(self, seed: int = 0, eos_bias: float = 0.0):
+        rng = np.random.default_rng(seed)
+        self.table = rng.normal(size=(VOCAB, VOCAB, VOCAB)).astype(np.float32) * 2
+        self.table[..., EOS] += eos_bias
+        self.steps = 0
+        self.rows_stepped: list[int] = []
+
+    def logits_for(self, history: list[list[int]]) -> np.ndarray:
+        return np.stack([self.table[h[-2] if len(h) > 1 else 1, h[-1]] for h in history])
+
+    def prefill(self, prompts):
+        state = TableState(self, [list(p) for p in prompts])
+        width = max(len(p) for p in prompts)
+        history = np.array([[EOS] * (width - len(p)) + list(p) for p in prompts], dtype=np.int64)
+        lengths = np.array([len(p) for p in prompts])
+        return Prefill(state, self.logits_for(state.rows), history, lengths)
+
+
+class TableState:
+    def __init__(self, model: TableModel, rows: list[list[int]]):
+        self.model, self.rows = model, rows
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+    def step(self, token_ids):
+        self.model.steps += 1
+        self.model.rows_stepped.append(len(token_ids))
+        for row, token in zip(self.rows, token_ids):
+            row.append(int(token))
+        return self.model.logits_for(self.rows)
+
+    def select(self, rows):
+        self.rows = [list(self.rows[r]) for r in rows]
+
+    def extend(self, other: TableState):
+        self.rows += other.rows
+
+
+DEFAULTS = ModelDefaults(samples_by_default=False)
+
+
+def plan(**params):
+    return resolve(GenerationConfig(**params), DEFAULTS)
+
+
+def run(model, prompts, plans, detokenize=None):
+    generator = Generator(model, detokenize)
+    generator.start(prompts, plans)
+    events = []
+    while not generator.is_done():
+        events += generator.step()
+    return generator.results(), events
+
+
+def reference_greedy(model: TableModel, prompt: list[int], max_new: int) -> list[int]:
+    row = list(prompt)
+    out = []
+    for _ in range(max_new):
+        token = int(np.argmax(model.logits_for([row])[0]))
+        out.append(token)
+        row.append(token)
+        if token == EOS:
+            break
+    return out
+
+
+def test_greedy_equals_a_plain_argmax_loop():
+    model = TableModel(eos_bias=-1.0)
+    prompts = [[3, 4], [5], [7, 8, 9]]
+    results, _ = run(model, prompts, [plan(max_new_tokens=9)] * 3)
+    for prompt, (output,) in zip(prompts, results):
+        assert output.token_ids == reference_greedy(model, prompt, 9)
+        assert output.finish_reason == ("eos" if output.token_ids[-1] == EOS else "length")
+
+
+def test_finished_rows_leave_the_batch():
+    model = TableModel(seed=3, eos_bias=2.5)
+    results, _ = run(model, [[3], [4], [5], [6]], [plan(max_new_tokens=10)] * 4)
+    lengths = sorted(len(r[0].token_ids) for r in results)
+    assert lengths[0] < lengths[-1], "the scripted model should end some rows early"
+    assert model.rows_stepped == sorted(model.rows_stepped, reverse=True)
+    assert model.rows_stepped[-1] < 4
+
+
+def test_min_new_tokens_suppresses_eos():
+    model = TableModel(eos_bias=50.0)  # EOS always wins unless suppressed
+    results, _ = run(model, [[3]], [plan(max_new_tokens=10, min_new_tokens=4)])
+    tokens = results[0][0].token_ids
+    assert len(tokens) == 5 and EOS not in tokens[:4] and tokens[4] == EOS
+
+
+def test_seeded_sampling_is_independent_of_the_batch():
+    model = TableModel()
+    sampling = plan(do_sample=True, top_k=0, max_new_tokens=8, seed=11, num_return_sequences=2)
+    alone, _ = run(model, [[3, 4]], [sampling])
+    mixed, _ = run(model, [[9], [3, 4], [5]], [plan(max_new_tokens=3), sampling, plan(num_beams=2, max_new_tokens=4)])
+    assert [o.token_ids for o in alone[0]] == [o.token_ids for o in mixed[1]]
+    assert alone[0][0].token_ids != alone[0][1].token_ids  # each sequence has its own generator
+
+
+def test_a_prompt_that_joins_mid_run_gets_the_same_tokens():
+    model = TableModel(eos_bias=-2.0)
+    generator = Generator(model)
+    first = generator.add([[3, 4]], [plan(max_new_tokens=10)])
+    generator.step()
+    generator.step()
+    second = generator.add([[5, 6, 7]], [plan(num_beams=3, max_new_tokens=6)])
+    while not generator.is_done():
+        generator.step()
+    joined = generator.pop(second[0])
+    alone, _ = run(TableModel(eos_bias=-2.0), [[5, 6, 7]], [plan(num_beams=3, max_new_tokens=6)])
+    assert [o.token_ids for o in joined] == [o.token_ids for o in alone[0]]
+    assert generator.pop(first[0])[0].token_ids == reference_greedy(model, [3, 4], 10)
+
+
+def test_cancel_stops_one_prompt_and_not_the_others():
+    model = TableModel(eos_bias=-5.0)
+    generator = Generator(model)
+    a, b = generator.start([[3], [4]], [plan(max_new_tokens=10)] * 2)
+    generator.step()
+    generator.cancel(a)
+    while not generator.is_done():
+        generator.step()
+    assert generator.pop(a)[0].finish_reason == "cancelled"
+    assert len(generator.pop(b)[0].token_ids) == 10
+    with pytest.raises(KeyError):
+        generator.pop(a)
+
+
+def test_pop_refuses_a_running_prompt():
+    generator = Generator(TableModel(eos_bias=-5.0))
+    (handle,) = generator.start([[3]], [plan(max_new_tokens=5)])
+    with pytest.raises(ValueError, match="still generating"):
+        generator.pop(handle)
+
+
+def test_stop_strings_end_the_sequence_and_cut_the_text():
+    model = TableModel(eos_bias=-5.0)
+    letters = "abcdefghijkl"
+    detokenize = lambda ids: "".join(letters[i] for i in ids)  # noqa: E731
+    expected = detokenize(reference_greedy(model, [3], 12))
+    stop = expected[4:6]
+    results, events = run(model, [[3]], [plan(max_new_tokens=12, stop=stop)], detokenize)
+    (output,) = results[0]
+    assert output.finish_reason == "stop"
+    assert output.text == expected[: expected.find(stop)]
+    assert events[-1].finish_reason == "stop" and len(events) == len(output.token_ids)
+
+
+def test_beam_events_come_once_at_the_end():
+    model = TableModel(eos_bias=-1.0)
+    results, events = run(model, [[3]], [plan(num_beams=3, num_return_sequences=2, max_new_tokens=5)])
+    assert [e.token_id for e in events] == [None, None]
+    assert len(results[0]) == 2 and results[0][0].score >= results[0][1].score
+
+
+def test_beam_search_finds_a_better_sequence_than_greedy():
+    """On a table model beam search must never score below greedy's sequence (same length, no EOS)."""
+    model = TableModel(seed=5, eos_bias=-50.0)
+
+    def logprob(seq: list[int]) -> float:
+        row, total = [3], 0.0
+        for token in seq:
+            logits = model.logits_for([row])[0].astype(np.float64)
+            total += logits[token] - np.log(np.exp(logits).sum())
+            row.append(token)
+        return total
+
+    greedy = run(model, [[3]], [plan(max_new_tokens=6)])[0][0][0].token_ids
+    beam = run(model, [[3]], [plan(num_beams=4, max_new_tokens=6)])[0][0][0].token_ids
+    assert logprob(beam) >= logprob(greedy) - 1e-6
