@@ -63,3 +63,15 @@ def test_no_runtime_module_imports_torch():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in FORBIDDEN]
     assert offenders == []
+
+
+def test_the_runtime_only_environment_really_lacks_torch():
+    """CI sets ONNXGEN_RUNTIME_ONLY=1 in its torch-free venv: there the absence must be real, not simulated."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if os.environ.get("ONNXGEN_RUNTIME_ONLY") != "1":
+        pytest.skip("only meaningful in CI's runtime-only venv")
+    assert [name for name in FORBIDDEN if importlib.util.find_spec(name) is not None] == []
