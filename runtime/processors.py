@@ -1,14 +1,10 @@
 """Logits processors: pure NumPy edits of next-token scores, one row per sequence, parameters per row.
 
-Every function takes ``scores`` (R, V) float32 and returns the new scores (often the same array, edited in place).
-Those that look at the history take ``input_ids`` (R, L) int64, where -1 means "no token here": rows of one batch
-have histories of different lengths, left-padded with -1, and -1 entries are ignored. A real padding id (GPT-2 pads
-with its EOS id) is an ordinary token, as it is in transformers. Each per-row parameter has a neutral value that
-leaves its row untouched bit for bit, and a step whose rows are all neutral costs nothing.
-
-The semantics are those of transformers' ``RepetitionPenaltyLogitsProcessor``, ``NoRepeatNGramLogitsProcessor``,
-``MinLengthLogitsProcessor`` / ``MinNewTokensLengthLogitsProcessor``, ``TemperatureLogitsWarper``,
-``TopKLogitsWarper`` and ``TopPLogitsWarper``, applied in that order by :class:`LogitsChain`.
+Each function takes ``scores`` (R, V) float32 and returns the new scores (often the same array, edited in place);
+those that read the history take ``input_ids`` (R, L) int64, left-padded with -1 ("no token here", ignored). A
+real padding id (GPT-2 pads with EOS) is an ordinary token, as in transformers. Each per-row parameter has a
+neutral value that leaves its row bit-identical. Semantics: transformers' RepetitionPenalty, NoRepeatNGram,
+MinLength/MinNewTokens, Temperature, TopK and TopP processors, applied in that order by :class:`LogitsChain`.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 _NEG_INF = np.float32(-np.inf)
+_PACK_LIMIT = 1024  # top-p filters rows with at most this many finite scores (e.g. after top-k) all at once
 
 
 def _per_row(value, n: int, dtype) -> np.ndarray:
@@ -129,20 +126,46 @@ def top_p(scores: np.ndarray, p, min_tokens_to_keep=1) -> np.ndarray:
     ``p`` (R,) float, 1.0 = off. A token is kept when the mass of the tokens ranked above it is < p (transformers
     removes tokens whose ascending cumulative probability is <= 1 - p: the same set, up to floating-point rounding
     at the boundary), and the top ``min_tokens_to_keep`` are always kept. Among tokens tied on the boundary score,
-    which ones survive is unspecified (as with transformers' unstable sort).
+    which ones survive is unspecified (as with transformers' unstable sort). Never sorts the whole vocabulary.
     """
     n_rows = scores.shape[0]
     p = _per_row(p, n_rows, np.float64)
     keep = _per_row(min_tokens_to_keep, n_rows, np.int64)
-    for r in np.flatnonzero(p < 1.0).tolist():  # 1-D selection is several times faster than along axis 1
-        _top_p_row(scores[r], float(p[r]), int(keep[r]))
+    rows = np.flatnonzero(p < 1.0)
+    if rows.size == 0:
+        return scores
+    finite = scores[rows] > -np.inf
+    counts = np.fromiter((np.count_nonzero(f) for f in finite), dtype=np.int64, count=rows.size)
+    few = counts <= _PACK_LIMIT
+    if few.any():
+        _top_p_packed(scores, rows[few], p[rows[few]], keep[rows[few]])
+    for i in np.flatnonzero(~few).tolist():  # 1-D partitions are several times faster than 2-D ones
+        r = rows[i]
+        _top_p_row(scores[r], np.flatnonzero(finite[i]), float(p[r]), int(keep[r]))
     return scores
 
 
-def _top_p_row(row: np.ndarray, p: float, keep: int) -> None:
-    """Top-p on one row (V,), in place. Only the finite entries count (after top-k they are few), and of those
-    only the top m are sorted, m growing until they cover p: never a full sort of the vocabulary."""
-    fin = np.flatnonzero(row > -np.inf)
+def _top_p_packed(scores: np.ndarray, rows: np.ndarray, p: np.ndarray, keep: np.ndarray) -> None:
+    """Top-p for rows with few finite scores: pack them into a small block, sort it, filter every row at once."""
+    cols, vals, counts = pack_finite(scores[rows])  # (Rq, W)
+    order = np.argsort(-vals, axis=1, kind="stable")  # descending, -inf padding last
+    vals = np.take_along_axis(vals, order, axis=1)
+    cols = np.take_along_axis(cols, order, axis=1)
+    top = np.where(vals[:, :1] > -np.inf, vals[:, :1], np.float32(0))
+    prob = np.exp(vals.astype(np.float64) - top)
+    cum = np.cumsum(prob, axis=1)
+    above = (cum - prob) / cum[:, -1:]  # mass ranked strictly above each entry
+    n_keep = np.minimum(np.maximum((above < p[:, None]).sum(axis=1), keep), counts)
+    rr, cc = np.nonzero(np.arange(vals.shape[1]) < n_keep[:, None])
+    out = np.full((rows.size, scores.shape[1]), _NEG_INF, dtype=scores.dtype)
+    out[rr, cols[rr, cc]] = vals[rr, cc]
+    scores[rows] = out
+
+
+def _top_p_row(row: np.ndarray, fin: np.ndarray, p: float, keep: int) -> None:
+    """Top-p on one row (V,) whose finite entries are at `fin`, in place. Only the top m values are sorted (values,
+    not indices), m growing until they cover p; the nucleus is then everything above the cut value plus as many
+    entries tied with it as the count allows."""
     n = fin.size
     if n <= keep:
         return
@@ -151,19 +174,36 @@ def _top_p_row(row: np.ndarray, p: float, keep: int) -> None:
     mass = np.exp(vals - top).sum(dtype=np.float64)  # softmax normaliser, relative to the maximum
     m = min(n, max(64, keep))
     while True:
-        cand = np.argpartition(vals, n - m)[n - m :] if m < n else np.arange(n)
-        cand = cand[np.argsort(-vals[cand], kind="stable")]  # descending
-        prob = np.exp(vals[cand].astype(np.float64) - top) / mass
+        best = np.sort(np.partition(vals, n - m)[n - m :] if m < n else vals)[::-1]  # top m, descending
+        prob = np.exp(best.astype(np.float64) - top) / mass
         cum = np.cumsum(prob)
-        if cum[-1] >= p or m == n:  # the candidates cover p: everything outside them is removed
+        if cum[-1] >= p or m == n:  # the top m cover p: everything below them is removed
             break
-        m = min(4 * m, n)
-    above = np.concatenate(([0.0], cum[:-1]))  # mass ranked strictly above each candidate
-    n_keep = min(max(int(np.count_nonzero(above < p)), keep), m)
-    kept = fin[cand[:n_keep]]
-    kept_vals = row[kept]
-    row.fill(_NEG_INF)
-    row[kept] = kept_vals
+        m = min(8 * m, n)
+    n_keep = min(max(int(np.count_nonzero(cum - prob < p)), keep), m)
+    cut = best[n_keep - 1]
+    tied = np.flatnonzero(row == cut)
+    surplus = tied[n_keep - int(np.count_nonzero(best > cut)) :]
+    row[row < cut] = _NEG_INF
+    row[surplus] = _NEG_INF
+
+
+def pack_finite(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's finite entries moved to the left of a small block: cheap when most scores are -inf.
+
+    Returns ``cols`` (R, W) int64 (their columns in ``scores``), ``vals`` (R, W) (their scores, -inf padded) and
+    ``counts`` (R,), where W is the largest count (at least 1).
+    """
+    n_rows, vocab = scores.shape
+    r, c = np.divmod(np.flatnonzero(scores > -np.inf), vocab)  # 1-D: much faster than a 2-D nonzero
+    counts = np.bincount(r, minlength=n_rows)
+    slot = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = max(int(counts.max(initial=0)), 1)
+    cols = np.zeros((n_rows, width), dtype=np.int64)
+    cols[r, slot] = c
+    vals = np.full((n_rows, width), _NEG_INF, dtype=scores.dtype)
+    vals[r, slot] = scores[r, c]
+    return cols, vals, counts
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
@@ -193,18 +233,8 @@ class RowParams:
     do_sample: np.ndarray  # bool: sample (warp then draw) or pick greedily / by beam score
 
     @classmethod
-    def full(
-        cls,
-        n: int,
-        *,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        min_tokens_to_keep=1,
-        do_sample=False,
-    ) -> RowParams:
+    def full(cls, n: int, *, repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=1.0, top_k=0, top_p=1.0,
+             min_tokens_to_keep=1, do_sample=False) -> RowParams:  # fmt: skip
         """n rows; each argument is a scalar for all rows or a sequence of n values. Validates."""
         given = locals()
         arrays = {}
@@ -246,54 +276,34 @@ class RowParams:
         return RowParams(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(RowParams)))
 
 
-_DTYPES = {
-    "repetition_penalty": np.float32,
-    "no_repeat_ngram_size": np.int64,
-    "temperature": np.float32,
-    "top_k": np.int64,
-    "top_p": np.float64,
-    "min_tokens_to_keep": np.int64,
-    "do_sample": np.bool_,
-}
+_DTYPES = dict(repetition_penalty=np.float32, no_repeat_ngram_size=np.int64, temperature=np.float32,
+               top_k=np.int64, top_p=np.float64, min_tokens_to_keep=np.int64, do_sample=np.bool_)  # fmt: skip
 
 
 class LogitsChain:
     """The steps any row of a batch needs, in transformers' order, built once per batch layout.
 
-    Order: repetition penalty, no-repeat n-gram, EOS suppression (min length, from per-call arguments), then for
-    sampling rows only: temperature, top-k, top-p. Non-sampling rows get neutral warper values. Steps whose rows
-    are all neutral are left out; ``names`` lists those kept. Rebuild (or :meth:`take`) when rows change.
+    Order: repetition penalty, no-repeat n-gram, EOS suppression (min length, fed from per-call arguments), then
+    for sampling rows only: temperature, top-k, top-p; other rows get neutral warper values. Steps whose rows are
+    all neutral are left out; ``names`` lists those kept. Rebuild (or :meth:`take`) when the rows change.
     """
 
     def __init__(self, params: RowParams):
         self.params = params
-        s = params.do_sample
-        warp_t = np.where(s, params.temperature, np.float32(1.0))
-        warp_k = np.where(s, params.top_k, 0)
-        warp_p = np.where(s, params.top_p, 1.0)
-        keep = params.min_tokens_to_keep
-        self._history_steps = []  # fn(input_ids, scores) -> scores
-        self._warp_steps = []  # fn(scores) -> scores
-        self.names: list[str] = []
-        if np.any(params.repetition_penalty != 1.0):
-            self._add_history("repetition_penalty", repetition_penalty, params.repetition_penalty)
-        if np.any(params.no_repeat_ngram_size > 0):
-            self._add_history("no_repeat_ngram", no_repeat_ngram, params.no_repeat_ngram_size)
-        self.names.append("suppress_eos")
-        if np.any(warp_t != 1.0):
-            self._add_warp("temperature", lambda x: temperature(x, warp_t))
-        if np.any(warp_k != 0):
-            self._add_warp("top_k", lambda x: top_k(x, warp_k, keep))
-        if np.any(warp_p < 1.0):
-            self._add_warp("top_p", lambda x: top_p(x, warp_p, keep))
-
-    def _add_history(self, name, fn, arg) -> None:
-        self._history_steps.append(lambda ids, x: fn(ids, x, arg))
-        self.names.append(name)
-
-    def _add_warp(self, name, fn) -> None:
-        self._warp_steps.append(fn)
-        self.names.append(name)
+        pen, ngram, keep = params.repetition_penalty, params.no_repeat_ngram_size, params.min_tokens_to_keep
+        temp = np.where(params.do_sample, params.temperature, np.float32(1.0))
+        k = np.where(params.do_sample, params.top_k, 0)
+        nucleus = np.where(params.do_sample, params.top_p, 1.0)
+        candidates = [  # (name, needed by some row, step(input_ids, scores) -> scores)
+            ("repetition_penalty", pen != 1, lambda ids, x: repetition_penalty(ids, x, pen)),
+            ("no_repeat_ngram", ngram > 0, lambda ids, x: no_repeat_ngram(ids, x, ngram)),
+            ("suppress_eos", True, None),  # its rows and ids come with each call
+            ("temperature", temp != 1, lambda ids, x: temperature(x, temp)),
+            ("top_k", k != 0, lambda ids, x: top_k(x, k, keep)),
+            ("top_p", nucleus < 1, lambda ids, x: top_p(x, nucleus, keep)),
+        ]
+        self.steps = [(name, step) for name, needed, step in candidates if np.any(needed)]
+        self.names = [name for name, _ in self.steps]
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray, eos_suppress_mask=None, eos_ids=()) -> np.ndarray:
         """Process ``scores`` (R, V) float32 given ``input_ids`` (R, L) int64; may edit ``scores`` in place.
@@ -301,12 +311,11 @@ class LogitsChain:
         ``eos_suppress_mask`` (R,) bool marks the rows still below their minimum length (see
         :func:`suppress_tokens` for how to compute it); ``eos_ids`` are the ids it forbids.
         """
-        for step in self._history_steps:
-            scores = step(input_ids, scores)
-        if eos_suppress_mask is not None:
-            scores = suppress_tokens(scores, eos_suppress_mask, eos_ids)
-        for step in self._warp_steps:
-            scores = step(scores)
+        for _, step in self.steps:
+            if step is not None:
+                scores = step(input_ids, scores)
+            elif eos_suppress_mask is not None:
+                scores = suppress_tokens(scores, eos_suppress_mask, eos_ids)
         return scores
 
     def take(self, indices) -> LogitsChain:

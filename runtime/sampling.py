@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .processors import pack_finite
+
 
 def make_row_rng(seed: int | None, index: int) -> np.random.Generator:
     """The generator of sequence `index` of a request seeded with `seed` (None: fresh OS entropy).
@@ -26,51 +28,58 @@ def greedy(scores: np.ndarray) -> np.ndarray:
 def sample(scores: np.ndarray, rngs) -> np.ndarray:
     """One draw per row from softmax(scores[row]), using one uniform from ``rngs[row]`` -> (R,) int64.
 
-    Inverse CDF over the finite entries only: after top-k/top-p a row has few, so the work is one pass to find
-    them and a cumulative sum over a small (R, n_max) block. A row with a single finite entry returns it.
+    Inverse CDF: the uniform picks a point of the row's cumulative weight, found first among blocks of entries
+    and then inside one block, so no per-vocabulary random numbers and no full cumulative sum. When most scores
+    are -inf (after top-k/top-p) each row's finite entries are first packed into a small block. A row with a
+    single finite entry returns it; a row with none is an error.
     """
     n_rows, vocab = scores.shape
     if len(rngs) != n_rows:
         raise ValueError(f"sample needs one generator per row: {n_rows} rows, got {len(rngs)} generators")
     u = np.fromiter((g.random() for g in rngs), dtype=np.float64, count=n_rows)
-    finite = scores > -np.inf  # (R, V)
-    counts = finite.sum(axis=1)
-    if counts.min() == 0:
-        row = int(np.argmin(counts))
+    cols, vals = None, scores
+    if 4 * np.count_nonzero(scores > -np.inf) < scores.size:  # mostly filtered: pack each row's finite entries
+        cols, vals, _ = pack_finite(scores)
+    top = vals.max(axis=1)
+    if (top == -np.inf).any():
+        row = int(np.flatnonzero(top == -np.inf)[0])
         raise ValueError(f"cannot sample row {row}: every score is -inf (all tokens were filtered out)")
-    width = int(counts.max())
-    if width == vocab:  # nothing filtered: work on the rows as they are
-        cols = None
-        vals = scores
-    else:  # pack each row's finite entries to the left of an (R, width) block
-        r, c = np.nonzero(finite)
-        slot = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        cols = np.zeros((n_rows, width), dtype=np.int64)
-        cols[r, slot] = c
-        vals = np.full((n_rows, width), -np.inf, dtype=np.float32)
-        vals[r, slot] = scores[r, c]
-    w = np.exp(vals.astype(np.float64) - vals.max(axis=1, keepdims=True))
-    cdf = np.cumsum(w, axis=1)
-    total = cdf[:, -1:]
-    pick = (cdf <= u[:, None] * total).sum(axis=1)  # first position whose cdf exceeds the target
-    last = (cdf < total).sum(axis=1)  # last entry with weight > 0, should rounding push the target to the total
-    pick = np.minimum(pick, last)
-    if cols is None:
-        return pick.astype(np.int64)
-    return cols[np.arange(n_rows), pick]
+    pick = _inverse_cdf(np.exp(vals - top[:, None]), u)
+    return pick if cols is None else cols[np.arange(n_rows), pick]
+
+
+def _inverse_cdf(weights: np.ndarray, u: np.ndarray, block: int = 256) -> np.ndarray:
+    """For weights (R, W) >= 0 with a positive total, the first index whose cumulative weight exceeds u * total.
+
+    Entries of weight 0 are never returned: should rounding put the target at the total, the last positive
+    entry is taken instead.
+    """
+    n_rows, width = weights.shape
+    rows = np.arange(n_rows)
+    csum = np.cumsum(np.add.reduceat(weights, np.arange(0, width, block), axis=1, dtype=np.float64), axis=1)
+    target = u * csum[:, -1]
+    b = np.minimum((csum <= target[:, None]).sum(axis=1), (csum < csum[:, -1:]).sum(axis=1))
+    rest = target - np.where(b > 0, csum[rows, b - 1], 0.0)
+    cols = b[:, None] * block + np.arange(block)  # (R, block): the entries of the chosen block
+    inner = np.where(cols < width, weights[rows[:, None], np.minimum(cols, width - 1)], 0).astype(np.float64)
+    ccum = np.cumsum(inner, axis=1)
+    j = np.minimum((ccum <= rest[:, None]).sum(axis=1), (ccum < ccum[:, -1:]).sum(axis=1))
+    return (b * block + j).astype(np.int64)
 
 
 def sample_without_replacement(scores_flat: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k distinct indices of ``scores_flat`` (V',), drawn one after another from softmax(scores), renormalised.
 
-    The distribution of ``torch.multinomial(softmax(x), k, replacement=False)`` (beam sampling draws its
-    2 x num_beams candidates from num_beams x V scores with it), computed as an exponential race over the finite
-    entries: the k largest ``x - log(E)``, E ~ Exp(1). Returned in draw order (first draw first).
+    The distribution of ``torch.multinomial(softmax(x), k, replacement=False)``, with which beam sampling draws its
+    2 x num_beams candidates from num_beams x V scores. Computed as an exponential race over the finite entries:
+    the k largest ``w / E`` with ``w = exp(x - max)`` and E ~ Exp(1) (float64, so E is never 0). Returned in draw
+    order. Where fewer than k weights are non-zero (torch raises), zero weights fill the tail.
     """
     fin = np.flatnonzero(scores_flat > -np.inf)
     if not 0 < k <= fin.size:
         raise ValueError(f"k must be in [1, {fin.size}] (the number of finite scores), got {k}")
-    keys = scores_flat[fin].astype(np.float64) - np.log(rng.standard_exponential(fin.size))
+    vals = scores_flat[fin]
+    keys = np.exp(vals - vals.max()) / rng.standard_exponential(fin.size)
     top = np.argpartition(keys, fin.size - k)[fin.size - k :] if k < fin.size else np.arange(fin.size)
     top = top[np.argsort(-keys[top], kind="stable")]
     return fin[top]

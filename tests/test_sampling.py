@@ -1,0 +1,123 @@
+"""onnxgen.sampling: greedy picks, seeded categorical draws and their distributions, per-sequence generators."""
+
+import numpy as np
+import pytest
+
+from onnxgen import processors as P
+from onnxgen import sampling as S
+
+N_DRAWS = 20_000
+
+
+def softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def assert_frequencies_match(draws, probs, n_sigma=4.0):
+    """Each token's empirical frequency lies within n_sigma binomial standard deviations of its probability;
+    tokens expected fewer than 10 times are pooled into one bin, where the normal approximation holds."""
+    freq = np.bincount(draws, minlength=probs.size) / draws.size
+    assert (freq[probs == 0] == 0).all(), "drew a token of probability 0"
+    rare = probs * draws.size < 10
+    freq = np.append(freq[~rare], freq[rare].sum())
+    probs = np.append(probs[~rare], probs[rare].sum())
+    sigma = np.sqrt(probs * (1 - probs) / draws.size)
+    bad = np.abs(freq - probs) > n_sigma * sigma + 1e-12
+    assert not bad.any(), f"frequencies {freq[bad]} vs probabilities {probs[bad]}"
+
+
+def test_greedy_takes_the_first_maximum_like_torch():
+    torch = pytest.importorskip("torch")
+    scores = np.array([[1.0, 3.0, 3.0, 2.0], [-np.inf, 0.0, -np.inf, 0.0]], dtype=np.float32)
+    ours = S.greedy(scores)
+    assert ours.dtype == np.int64
+    assert ours.tolist() == torch.argmax(torch.tensor(scores), dim=-1).tolist() == [1, 1]
+
+
+def test_top_k_1_sampling_equals_greedy():
+    scores = (np.random.default_rng(0).standard_normal((16, 5000)) * 3).astype(np.float32)
+    rngs = [S.make_row_rng(123, i) for i in range(16)]
+    picked = S.sample(P.top_k(scores.copy(), np.ones(16, np.int64)), rngs)
+    np.testing.assert_array_equal(picked, S.greedy(scores))
+
+
+def test_single_finite_entry_is_returned_and_all_minus_inf_is_an_error():
+    scores = np.full((3, 10), -np.inf, dtype=np.float32)
+    scores[[0, 1, 2], [4, 0, 9]] = [5.0, -80.0, 0.0]
+    rngs = [np.random.default_rng(i) for i in range(3)]
+    assert S.sample(scores, rngs).tolist() == [4, 0, 9]
+    scores[1] = -np.inf
+    with pytest.raises(ValueError, match="row 1"):
+        S.sample(scores, rngs)
+    with pytest.raises(ValueError, match="one generator per row"):
+        S.sample(scores, rngs[:2])
+
+
+def test_seeded_draws_repeat_and_do_not_depend_on_the_batch():
+    scores = np.random.default_rng(1).standard_normal((6, 300)).astype(np.float32)
+    first = S.sample(scores, [S.make_row_rng(7, i) for i in range(6)])
+    again = S.sample(scores, [S.make_row_rng(7, i) for i in range(6)])
+    np.testing.assert_array_equal(first, again)
+    alone = [S.sample(scores[i : i + 1], [S.make_row_rng(7, i)])[0] for i in range(6)]
+    assert alone == first.tolist()
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["full", "top-k-top-p"])
+def test_sample_distribution_matches_softmax(filtered):
+    base = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], dtype=np.float32)
+    scores = np.tile(base, (N_DRAWS, 1))
+    if filtered:
+        scores = P.LogitsChain(P.RowParams.full(N_DRAWS, temperature=0.7, top_k=6, top_p=0.9, do_sample=True))(
+            np.zeros((N_DRAWS, 0), np.int64), scores
+        )
+        assert np.isfinite(scores[0]).sum() == 4
+    rng = np.random.default_rng(2024)  # one generator drawn from row after row
+    draws = S.sample(scores, [rng] * N_DRAWS)
+    assert_frequencies_match(draws, softmax(scores[0]))
+
+
+@pytest.mark.parametrize("underflow", [False, True], ids=["dense", "zero-weights"])
+def test_sample_distribution_across_blocks(underflow):
+    """Mass spread over far-apart ids of a 600-token row: the two-level (block, then entry) search is exact."""
+    scores = np.full(600, -1e9 if underflow else -6.0, dtype=np.float32)  # -1e9: weights underflow to 0
+    scores[[0, 255, 256, 300, 511, 599]] = [1.0, 0.5, 0.4, 0.0, 1.2, 0.8]
+    draws = S.sample(np.tile(scores, (N_DRAWS, 1)), [np.random.default_rng(11)] * N_DRAWS)
+    assert_frequencies_match(draws, softmax(scores))
+
+
+def test_sample_without_replacement_distribution():
+    scores = np.array([1.0, 0.5, 0.0, -0.5, -1.0, -np.inf, 0.2, -2.0, -np.inf, 0.8], dtype=np.float32)
+    probs = softmax(scores)
+    rng = np.random.default_rng(5)
+    picks = np.array([S.sample_without_replacement(scores, 3, rng) for _ in range(N_DRAWS)])
+    assert all(len(set(row)) == 3 for row in picks[:100])
+    assert not np.isin(picks, [5, 8]).any()
+    assert_frequencies_match(picks[:, 0], probs)
+    # the second draw comes from the rest, renormalised: P(j second) = sum_i p_i p_j / (1 - p_i)
+    second = np.array([sum(probs[i] * probs[j] / (1 - probs[i]) for i in range(10) if i != j) for j in range(10)])
+    assert_frequencies_match(picks[:, 1], second)
+    with pytest.raises(ValueError, match="k must be in"):
+        S.sample_without_replacement(scores, 9, rng)
+
+
+def test_make_row_rng_streams():
+    a, b = S.make_row_rng(42, 0).random(4), S.make_row_rng(42, 0).random(4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, S.make_row_rng(42, 1).random(4))
+    assert not np.array_equal(a, S.make_row_rng(43, 0).random(4))
+    assert not np.array_equal(S.make_row_rng(None, 0).random(4), S.make_row_rng(None, 0).random(4))
+    spawned = np.random.Generator(np.random.PCG64(np.random.SeedSequence(42).spawn(3)[2]))
+    np.testing.assert_array_equal(S.make_row_rng(42, 2).random(4), spawned.random(4))
+
+
+def test_token_logprobs_match_torch_log_softmax():
+    torch = pytest.importorskip("torch")
+    scores = (np.random.default_rng(3).standard_normal((5, 700)) * 8).astype(np.float32)
+    scores[2, :600] = -np.inf
+    ids = np.array([0, 699, 650, 3, 10])
+    ours = S.token_logprobs(scores, ids)
+    expected = torch.log_softmax(torch.tensor(scores), dim=-1).numpy()[np.arange(5), ids]
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-5)
