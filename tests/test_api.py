@@ -190,3 +190,27 @@ def test_cuda_without_its_provider_is_an_error(tiny_gpt2_onnx):
         TextGeneration(tiny_gpt2_onnx, device="cuda")
     with pytest.raises(ValueError, match="device must be one of"):
         TextGeneration(tiny_gpt2_onnx, device="tpu")
+
+
+def test_beam_sampling_is_seeded_and_independent_of_the_batch(gpt2):
+    params = dict(num_beams=3, do_sample=True, num_generations=2, max_new_tokens=8, top_k=30)
+    alone = gpt2("The café", seed=4, **params)
+    assert len(alone) == 2
+    assert gpt2("The café", seed=4, **params) == alone
+    assert gpt2(["Prices rose by", "The café"], seed=4, **params)[1] == alone
+
+
+def test_the_models_generation_defaults_override_transformers_defaults(tiny_t5_onnx, tmp_path):
+    import json
+    import shutil
+
+    model_dir = tmp_path / "t5"
+    shutil.copytree(tiny_t5_onnx, model_dir)
+    manifest = json.loads((model_dir / "onnxgen.json").read_text())
+    manifest["generation_defaults"] = {"num_beams": 3, "max_length": 7, "length_penalty": 2.0}
+    (model_dir / "onnxgen.json").write_text(json.dumps(manifest))
+    tg = TextGeneration(model_dir, device="cpu")
+    plan = tg.plan({})
+    assert (plan.num_beams, plan.length_penalty, plan.max_length) == (3, 2.0, 7)
+    assert len(tg("summarize: a text", return_details=True).token_ids) <= 6  # max_length counts the start token
+    assert tg.plan({"num_beams": 1, "max_new_tokens": 4}).num_beams == 1  # the caller still wins
