@@ -1,0 +1,239 @@
+"""``export_model``: checkpoint in, self-contained onnxgen model directory out.
+
+The steps, each logged with its duration: load the checkpoint, export the graphs with optimum, write the
+tokenizer, move large weights to external data, verify against PyTorch, write the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from onnxgen.export import onnx_files
+from onnxgen.export.checkpoint import Checkpoint, load_architecture, load_checkpoint
+from onnxgen.export.errors import ExportError
+from onnxgen.export.tokenizer import write_tokenizer
+from onnxgen.export.verify import verify_export
+from onnxgen.manifest import MANIFEST_FILE, GraphSpec, Manifest, SpecialTokens
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 1e-3  # float32 logits of the real GPT-2/T5 sizes agree to ~1e-4
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf cannot serialise more than 2 GiB in one file anyway
+
+# optimum's file for each graph the runtime loads.
+GRAPH_FILES = {
+    "gpt2": {"decoder": "model.onnx"},
+    "t5": {
+        "encoder": "encoder_model.onnx",
+        "decoder": "decoder_model.onnx",
+        "decoder_with_past": "decoder_with_past_model.onnx",
+    },
+}
+# optimum also merges T5's two decoders into one graph with an If node; the runtime uses the separate pair.
+UNUSED_GRAPHS = ("decoder_model_merged.onnx",)
+PRODUCER_PACKAGES = ("onnxgen", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+
+
+def export_model(
+    source: str | Path,
+    output_dir: str | Path,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    atol: float = DEFAULT_ATOL,
+    external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
+    progress: bool = True,
+) -> Manifest:
+    """Export a GPT-2 or T5 checkpoint (Hub id or local folder) into ``output_dir`` and return its manifest.
+
+    force: replace the contents of a non-empty ``output_dir``.
+    verify, atol: compare ONNX Runtime with PyTorch on a sample prompt; raise past ``atol`` (max abs logit diff).
+    external_data_threshold: bytes of weights above which a graph keeps them in ``<graph>.onnx.data``.
+    progress: log each step at INFO (otherwise DEBUG).
+    """
+    if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
+        raise ExportError(f"atol must be a finite number >= 0, got {atol!r}")
+    if not (isinstance(external_data_threshold, int) and external_data_threshold >= 0):
+        raise ExportError(f"external_data_threshold must be an int >= 0 (bytes), got {external_data_threshold!r}")
+    source = str(source)
+    output = Path(output_dir).expanduser()
+    level = logging.INFO if progress else logging.DEBUG
+    _check_output_dir(output, source, force)
+
+    with _step("loading checkpoint", level):
+        architecture = load_architecture(source)
+        checkpoint = load_checkpoint(source, architecture)
+    _empty_output_dir(output)
+    with _step("exporting with optimum", level):
+        _export_graphs(checkpoint, output)
+        tokenizer_spec = write_tokenizer(checkpoint.tokenizer, output)
+        _ensure_generation_config(checkpoint.model, output)
+    graphs = _describe_graphs(output, architecture, external_data_threshold)
+    if verify:
+        with _step("verifying against PyTorch", level):
+            verification = verify_export(checkpoint.model, checkpoint.tokenizer, output, graphs, float(atol))
+        log.log(level, "max abs difference %.3g (atol %.3g)", verification["max_abs_diff"], atol)
+    else:
+        verification = {"skipped": True}
+    with _step("writing manifest", level):
+        manifest = _build_manifest(checkpoint, output, graphs, tokenizer_spec, verification)
+        manifest.save(output)
+    if verification.get("passed") is False:
+        raise ExportError(
+            f"verification failed: ONNX logits differ from PyTorch by up to {verification['max_abs_diff']:.3g}, "
+            f"more than atol={atol:g}; the files are kept in {str(output)!r} for inspection "
+            f"({MANIFEST_FILE} records passed=false); raise --atol or pass --no-verify to accept them"
+        )
+    return manifest
+
+
+@contextlib.contextmanager
+def _step(name: str, level: int) -> Iterator[None]:
+    log.log(level, "%s ...", name)
+    start = time.perf_counter()
+    yield
+    log.log(level, "%s: done in %.1f s", name, time.perf_counter() - start)
+
+
+def _check_output_dir(output: Path, source: str, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"output_dir {str(output)!r} is a file, not a folder")
+    source_path = Path(source).expanduser().resolve()
+    if source_path.is_dir() and (output.resolve() == source_path or output.resolve() in source_path.parents):
+        raise ExportError(f"output_dir {str(output)!r} would overwrite the source checkpoint folder {source!r}")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ExportError(
+            f"output_dir {str(output)!r} exists and is not empty; pass --force (force=True) to replace its contents"
+        )
+
+
+def _empty_output_dir(output: Path) -> None:
+    # Only reached after _check_output_dir and a successful checkpoint load, so a failed load destroys nothing.
+    if output.is_dir():
+        for child in output.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def _export_graphs(checkpoint: Checkpoint, output: Path) -> None:
+    # onnx_export_from_model is what optimum's main_export calls after loading; calling it with the model we
+    # already hold avoids loading (say) gpt2-xl's 6 GB twice, and we verify against this same model afterwards.
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    model = checkpoint.model
+    # optimum's patcher sets use_cache on every sub-config (T5's encoder too) and leaves it so; verification
+    # runs the model afterwards, so put the flags back.
+    use_cache = {m: m.config.use_cache for m in model.modules() if hasattr(getattr(m, "config", None), "use_cache")}
+    model.config.use_cache = True  # as main_export does for "-with-past" tasks
+    with warnings.catch_warnings(), _quiet_optimum():
+        # torch.jit tracing warns about every Python branch on tensor shapes in the modelling code.
+        warnings.filterwarnings("ignore", module=r"(torch|transformers|optimum)(\.|$)")
+        try:
+            onnx_export_from_model(model, output, task=checkpoint.task, do_validation=False)
+        except (RuntimeError, ValueError) as exc:
+            raise ExportError(f"optimum could not export {checkpoint.source!r}: {str(exc).splitlines()[0]}") from exc
+        finally:
+            for module, value in use_cache.items():
+                module.config.use_cache = value
+    kept = set()
+    for file in GRAPH_FILES[checkpoint.architecture].values():
+        path = output / file
+        if not path.exists():
+            raise ExportError(f"optimum did not write {file!r} for {checkpoint.source!r}")
+        kept |= onnx_files.data_files_of(path)
+    for file in UNUSED_GRAPHS:
+        onnx_files.remove_graph(output / file, keep=kept)
+
+
+@contextlib.contextmanager
+def _quiet_optimum() -> Iterator[None]:
+    """Hide optimum's own warnings (tied-weight bookkeeping) unless our logger is at DEBUG."""
+    optimum_logger = logging.getLogger("optimum")  # optimum installs its own handler on this one
+    saved = optimum_logger.level
+    if not log.isEnabledFor(logging.DEBUG):
+        optimum_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        optimum_logger.setLevel(saved)
+
+
+def _ensure_generation_config(model: Any, output: Path) -> None:
+    if (output / "generation_config.json").exists():
+        return
+    # optimum skips a generation config that transformers considers invalid; the model config's own is valid.
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(model.config).save_pretrained(output)
+
+
+def _describe_graphs(output: Path, architecture: str, threshold: int) -> dict[str, GraphSpec]:
+    graphs = {}
+    for name, file in GRAPH_FILES[architecture].items():
+        onnx_files.externalize_if_large(output / file, threshold)
+        inputs, outputs = onnx_files.graph_io_names(output / file)
+        graphs[name] = GraphSpec(file=file, inputs=tuple(inputs), outputs=tuple(outputs))
+    return graphs
+
+
+def _build_manifest(
+    checkpoint: Checkpoint, output: Path, graphs: dict[str, GraphSpec], tokenizer_spec: Any, verification: dict
+) -> Manifest:
+    config = checkpoint.model.config
+    generation = json.loads((output / "generation_config.json").read_text(encoding="utf-8"))
+    if checkpoint.architecture == "gpt2":
+        layers, heads, hidden = config.n_layer, config.n_head, config.n_embd
+        head_size, max_positions = hidden // heads, config.n_positions
+    else:
+        layers, heads, hidden = config.num_decoder_layers, config.num_heads, config.d_model
+        head_size, max_positions = config.d_kv, None
+
+    def token(name: str) -> int | None:
+        value = generation.get(name, getattr(config, name, None))
+        return value[0] if isinstance(value, list) and value else value  # some configs list several EOS ids
+
+    return Manifest(
+        architecture=checkpoint.architecture,
+        graphs=graphs,
+        num_layers=int(layers),
+        num_heads=int(heads),
+        head_size=int(head_size),
+        hidden_size=int(hidden),
+        vocab_size=int(config.vocab_size),
+        special_tokens=SpecialTokens(
+            eos_token_id=token("eos_token_id"),
+            pad_token_id=token("pad_token_id"),
+            bos_token_id=token("bos_token_id"),
+            decoder_start_token_id=token("decoder_start_token_id"),
+        ),
+        tokenizer=tokenizer_spec,
+        max_positions=max_positions,
+        dtype="float32",
+        generation_defaults={
+            k: v for k, v in generation.items() if not k.startswith("_") and k != "transformers_version"
+        },
+        producer=producer_versions(),
+        verification=verification,
+        optimizations=(),
+        source="onnxgen",
+    )
+
+
+def producer_versions() -> dict[str, str]:
+    versions = {}
+    for package in PRODUCER_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
