@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    serve.add_argument("--model-name", default=None, help="the `model` clients send (default: the directory's name)")
+    limits = serve.add_argument_group("limits (past them: 400, 413, 429 or 504 with an OpenAI error object)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
+    limits.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="largest max_tokens a request may ask for (default: the model's context)")
+    limits.add_argument("--max-queue", type=int, default=64, help="requests waiting for the batch; more get 429")
+    limits.add_argument("--max-batch-rows", type=int, default=32,
+                        help="sequences generated together (continuous batching); 1 = one at a time")
+    limits.add_argument("--timeout", type=float, default=300.0, help="seconds per request; 0 = none")
+    limits.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -112,9 +122,17 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from onnxgen.server import serve
+    from onnxgen.server import ServerLimits, serve
 
-    serve(args.model_dir, host=args.host, port=args.port, device=args.device)
+    limits = ServerLimits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens_limit,
+        max_queue=args.max_queue,
+        max_batch_rows=args.max_batch_rows,
+        timeout=args.timeout or None,
+    )
+    serve(args.model_dir, host=args.host, port=args.port, device=args.device, limits=limits,
+          model_name=args.model_name, log_level=args.log_level)
     return 0
 
 

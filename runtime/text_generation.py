@@ -43,6 +43,11 @@ class TextGeneration:
     def __init__(self, model_dir: str | Path, device: str = "auto", intra_op_threads: int | None = None):
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
+        if self.manifest.verification.get("passed") is False:
+            logger.warning(
+                "%s failed its export check against PyTorch (max abs diff %s > atol %s): outputs may be wrong",
+                self.model_dir, self.manifest.verification.get("max_abs_diff"), self.manifest.verification.get("atol"),
+            )
         self.model = load_model(self.manifest, self.model_dir, device, intra_op_threads)
         self.device = self.model.device
         self.tokenizer = TextTokenizer(self.model_dir, self.manifest.tokenizer)
