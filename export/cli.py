@@ -31,6 +31,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the comparison with PyTorch")
     parser.add_argument(
+        "--optimize",
+        choices=("none", "fused"),
+        default="none",
+        help="none: optimum's portable graphs (CPU and CUDA); fused: GPT-2 only, fused operators, last-position "
+        "logits and a static key/value buffer, fastest on CPU",
+    )
+    parser.add_argument(
         "--external-data-threshold-mib",
         type=float,
         default=_DEFAULT_THRESHOLD_MIB,
@@ -54,6 +61,7 @@ def run_export(args: argparse.Namespace) -> int:
             verify=not args.no_verify,
             atol=args.atol,
             external_data_threshold=int(args.external_data_threshold_mib * 2**20),
+            optimize=args.optimize,
         )
     except ModuleNotFoundError as exc:
         print(

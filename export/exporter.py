@@ -22,6 +22,8 @@ from onnxgen.export import onnx_files
 from onnxgen.export.checkpoint import Checkpoint, load_architecture, load_checkpoint
 from onnxgen.export.errors import ExportError
 from onnxgen.export.tokenizer import write_tokenizer
+from onnxgen.export.builders import GPT2_OPTIMIZATIONS, write_gpt2
+from onnxgen.export.builders.verify import verify_static_gpt2
 from onnxgen.export.verify import verify_export
 from onnxgen.manifest import MANIFEST_FILE, GraphSpec, Manifest, SpecialTokens
 
@@ -41,6 +43,7 @@ GRAPH_FILES = {
 }
 # optimum also merges T5's two decoders into one graph with an If node; the runtime uses the separate pair.
 UNUSED_GRAPHS = ("decoder_model_merged.onnx",)
+OPTIMIZE_CHOICES = ("none", "fused")
 PRODUCER_PACKAGES = ("onnxgen", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
 
@@ -53,6 +56,7 @@ def export_model(
     atol: float = DEFAULT_ATOL,
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     progress: bool = True,
+    optimize: str = "none",
 ) -> Manifest:
     """Export a GPT-2 or T5 checkpoint (Hub id or local folder) into ``output_dir`` and return its manifest.
 
@@ -60,7 +64,11 @@ def export_model(
     verify, atol: compare ONNX Runtime with PyTorch on a sample prompt; raise past ``atol`` (max abs logit diff).
     external_data_threshold: bytes of weights above which a graph keeps them in ``<graph>.onnx.data``.
     progress: log each step at INFO (otherwise DEBUG).
+    optimize: "none" — optimum's portable graphs (CPU and CUDA); "fused" — GPT-2 only, a graph built from the
+        weights with onnxruntime's fused operators, last-position logits and a static key/value buffer (CPU).
     """
+    if optimize not in OPTIMIZE_CHOICES:
+        raise ExportError(f"optimize must be one of {', '.join(OPTIMIZE_CHOICES)}, got {optimize!r}")
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         raise ExportError(f"atol must be a finite number >= 0, got {atol!r}")
     if not (isinstance(external_data_threshold, int) and external_data_threshold >= 0):
@@ -73,20 +81,29 @@ def export_model(
     with _step("loading checkpoint", level):
         architecture = load_architecture(source)
         checkpoint = load_checkpoint(source, architecture)
+    fused = optimize == "fused"
+    if fused and architecture != "gpt2":
+        raise ExportError(f"optimize='fused' is available for GPT-2 only, not {architecture}; use optimize='none'")
     _empty_output_dir(output)
-    with _step("exporting with optimum", level):
-        _export_graphs(checkpoint, output)
+    with _step("building fused graph" if fused else "exporting with optimum", level):
+        if fused:
+            graphs = {"decoder": write_gpt2(checkpoint.model, output, external_data_threshold=external_data_threshold)}
+        else:
+            _export_graphs(checkpoint, output)
         tokenizer_spec = write_tokenizer(checkpoint.tokenizer, output)
         _ensure_generation_config(checkpoint.model, output)
-    graphs = _describe_graphs(output, architecture, external_data_threshold)
+    if not fused:
+        graphs = _describe_graphs(output, architecture, external_data_threshold)
     if verify:
+        check = verify_static_gpt2 if fused else verify_export
         with _step("verifying against PyTorch", level):
-            verification = verify_export(checkpoint.model, checkpoint.tokenizer, output, graphs, float(atol))
+            verification = check(checkpoint.model, checkpoint.tokenizer, output, graphs, float(atol))
         log.log(level, "max abs difference %.3g (atol %.3g)", verification["max_abs_diff"], atol)
     else:
         verification = {"skipped": True}
     with _step("writing manifest", level):
-        manifest = _build_manifest(checkpoint, output, graphs, tokenizer_spec, verification)
+        optimizations = GPT2_OPTIMIZATIONS if fused else ()
+        manifest = _build_manifest(checkpoint, output, graphs, tokenizer_spec, verification, optimizations)
         manifest.save(output)
     if verification.get("passed") is False:
         raise ExportError(
@@ -187,7 +204,12 @@ def _describe_graphs(output: Path, architecture: str, threshold: int) -> dict[st
 
 
 def _build_manifest(
-    checkpoint: Checkpoint, output: Path, graphs: dict[str, GraphSpec], tokenizer_spec: Any, verification: dict
+    checkpoint: Checkpoint,
+    output: Path,
+    graphs: dict[str, GraphSpec],
+    tokenizer_spec: Any,
+    verification: dict,
+    optimizations: tuple[str, ...] = (),
 ) -> Manifest:
     config = checkpoint.model.config
     generation = json.loads((output / "generation_config.json").read_text(encoding="utf-8"))
@@ -224,7 +246,7 @@ def _build_manifest(
         },
         producer=producer_versions(),
         verification=verification,
-        optimizations=(),
+        optimizations=tuple(optimizations),
         source="onnxgen",
     )
 

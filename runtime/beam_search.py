@@ -26,6 +26,12 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
     return part[np.lexsort((part, -values[part]))]
 
 
+def _length_norm(length: int, length_penalty: float) -> np.float32:
+    """length ** length_penalty in float32; an extreme penalty saturates to inf or 0 as torch's pow does."""
+    with np.errstate(over="ignore", under="ignore"):
+        return np.float32(np.power(np.float64(length), length_penalty))
+
+
 @dataclass
 class BeamHypothesis:
     token_ids: np.ndarray  # (t,) generated ids, EOS included when it finished on EOS
@@ -94,7 +100,7 @@ class BeamSearch:
     def _update_finished(self, candidate_tokens: np.ndarray, top_scores: np.ndarray, hits: np.ndarray, length: int):
         just_finished = hits.copy()
         just_finished[self.num_beams :] = False  # the extra candidates exist only to keep beams running
-        denominator = np.float32(float(length) ** self.length_penalty)
+        denominator = _length_norm(length, self.length_penalty)
         scores = (top_scores / denominator).astype(np.float32)
         if self.finished_flags.all() and self.early_stopping is True:
             scores += _NEG
@@ -116,7 +122,7 @@ class BeamSearch:
             best_length = self.max_new_tokens
         else:
             best_length = length
-        best_running = self.running_scores[0] / np.float32(float(best_length) ** self.length_penalty)
+        best_running = self.running_scores[0] / _length_norm(best_length, self.length_penalty)
         worst_finished = np.where(self.finished_flags, self.finished_scores.min(), _NEG)
         self.improvement_possible = self.improvement_possible and bool(np.any(best_running > worst_finished))
         open_beam = not (self.finished_flags.all() and self.early_stopping is True)

@@ -81,7 +81,45 @@ def _parser() -> argparse.ArgumentParser:
                         help="sequences generated together (continuous batching); 1 = one at a time")
     limits.add_argument("--timeout", type=float, default=300.0, help="seconds per request; 0 = none")
     limits.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_ray_serve_arguments(serve)
+    _add_batch_command(commands)
     return parser
+
+
+def _add_ray_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("Ray Serve (needs onnxgen[ray]): replicas behind Ray's HTTP proxy")
+    group.add_argument("--ray", action="store_true", help="serve with Ray Serve instead of one uvicorn process")
+    group.add_argument("--ray-address", default=None, help="a running cluster (auto, ray://HEAD:10001); implies --ray")
+    group.add_argument("--replicas", type=int, default=1, help="model copies, each with its own batching engine")
+    group.add_argument("--num-cpus", type=float, default=1.0,
+                       help="CPUs reserved per replica, also its onnxruntime threads (default 1)")
+    group.add_argument("--num-gpus", type=float, default=0.0, help="GPUs reserved per replica (with --device cuda)")
+
+
+def _add_batch_command(commands) -> None:
+    batch = commands.add_parser("batch", help="generate for every row of a JSONL/Parquet file, resumably")
+    batch.add_argument("model_dir")
+    batch.add_argument("input", help="*.jsonl (one JSON object a line) or *.parquet (a file or a folder)")
+    batch.add_argument("output", help="a folder of part-NNNNN shards; rerun the same command to resume")
+    batch.add_argument("--column", default="text", help="the prompts' column (default: text)")
+    batch.add_argument("--output-column", default="generated", help="the new column (default: generated)")
+    batch.add_argument("--seed-column", default=None, help="a column of per-row integer seeds (overrides --seed)")
+    batch.add_argument("--shard-size", type=int, default=1000, help="rows per output file (default 1000)")
+    batch.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    batch.add_argument("--output-format", choices=["jsonl", "parquet"], default=None, help="default: the input's")
+    batch.add_argument("--overwrite", action="store_true", help="discard an earlier run's output and start again")
+    batch.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch.add_argument("--truncation", action="store_true", help="crop prompts that do not fit the context")
+    batch.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    batch.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (per Ray actor)")
+    ray = batch.add_argument_group("Ray Data (needs onnxgen[ray])")
+    ray.add_argument("--ray", action="store_true", help="generate on Ray actors instead of in this process")
+    ray.add_argument("--ray-address", default=None, help="a running cluster (auto, ray://HEAD:10001); implies --ray")
+    ray.add_argument("--num-actors", type=int, default=1, help="actors, each loading the model once (default 1)")
+    ray.add_argument("--num-cpus", type=float, default=1.0,
+                     help="CPUs reserved per actor, also its onnxruntime threads unless --threads (default 1)")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs reserved per actor (with --device cuda)")
+    _add_generation_arguments(batch)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -121,7 +159,51 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_batch(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from onnxgen.batch import BatchOptions, RayOptions, run_batch
+
+    names = [*_PARAMS, "do_sample", "early_stopping", "stop", "return_full_text"]
+    params = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options = BatchOptions(column=args.column, output_column=args.output_column, seed_column=args.seed_column,
+                           shard_size=args.shard_size, batch_size=args.batch_size, output_format=args.output_format,
+                           truncation=args.truncation, params=params)
+    ray_options = None
+    if args.ray or args.ray_address:
+        ray_options = RayOptions(address=args.ray_address, num_actors=args.num_actors, num_cpus=args.num_cpus,
+                                 num_gpus=args.num_gpus)
+    if not args.no_progress and importlib.util.find_spec("tqdm") is None:
+        logging.getLogger("onnxgen.batch").setLevel(logging.INFO)  # no bar: a log line per shard instead
+    try:
+        summary = run_batch(args.model_dir, args.input, args.output, options, ray_options=ray_options,
+                            device=args.device, intra_op_threads=args.threads, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"onnxgen batch: interrupted; finished shards are kept in {args.output}: rerun the same command "
+              "to resume", file=sys.stderr)
+        return 130
+    print(f"{summary.rows} rows in {summary.shards} shards under {args.output}: {summary.written_shards} written "
+          f"now, {summary.skipped_shards} by an earlier run ({summary.seconds:.1f} s)")
+    return 0
+
+
+def _run_serve_ray(args: argparse.Namespace) -> int:
+    from onnxgen.ray.serve import serve_ray
+    from onnxgen.server import ServerLimits
+
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                          max_queue=args.max_queue, max_batch_rows=args.max_batch_rows, timeout=args.timeout or None)
+    logging.getLogger("onnxgen.ray").setLevel(args.log_level.upper())  # where it serves, and when it stops
+    serve_ray(args.model_dir, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+              host=args.host, port=args.port, address=args.ray_address, device=args.device, limits=limits,
+              model_name=args.model_name)
+    return 0
+
+
 def _run_serve(args: argparse.Namespace) -> int:
+    if args.ray or args.ray_address:
+        return _run_serve_ray(args)
     from onnxgen.server import ServerLimits, serve
 
     limits = ServerLimits(
@@ -140,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "export" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner = {"export": _run_export, "generate": _run_generate, "info": _run_info, "serve": _run_serve}
+    runner = {"export": _run_export, "generate": _run_generate, "info": _run_info, "serve": _run_serve,
+              "batch": _run_batch}
     try:
         return runner[args.command](args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError, ImportError, RuntimeError) as exc:

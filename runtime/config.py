@@ -20,21 +20,29 @@ def _fail(name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+INT_MAX = 2**31 - 1  # counts and sizes beyond this are never meaningful and would overflow the int32 inputs
+SEED_MAX = 2**63 - 1
+FLOAT32_TINY = 1.2e-38  # a positive value below this becomes 0 in float32, where the processors compute
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int = INT_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise _fail(name, value, f"an integer >= {minimum}")
+    if not minimum <= value <= maximum:
+        raise _fail(name, value, f"an integer in [{minimum}, {maximum}]")
     return value
 
 
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise _fail(name, value, "a finite number") from None
     if not math.isfinite(value):
         raise _fail(name, value, "a finite number")
     return value
@@ -64,18 +72,21 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "max_length", "num_beams", "num_return_sequences"):
             self._normalise(name, lambda n, v: _check_int(n, v, 1))
-        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size", "top_k", "seed"):
+        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size", "top_k"):
             self._normalise(name, lambda n, v: _check_int(n, v, 0))
+        self._normalise("seed", lambda n, v: _check_int(n, v, 0, SEED_MAX))
         for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
             self._normalise(name, _check_float)
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if self.temperature is not None and self.temperature < 0:
-            raise _fail("temperature", self.temperature, "a number >= 0 (0 means greedy)")
+        if self.temperature is not None and not (self.temperature == 0 or self.temperature >= FLOAT32_TINY):
+            raise _fail("temperature", self.temperature, f"0 (greedy) or a number >= {FLOAT32_TINY:g}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise _fail("top_p", self.top_p, "a number in (0, 1]")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise _fail("repetition_penalty", self.repetition_penalty, "a number > 0 (1.0 means no penalty)")
+        if self.repetition_penalty is not None and self.repetition_penalty < FLOAT32_TINY:
+            raise _fail(
+                "repetition_penalty", self.repetition_penalty, f"a number >= {FLOAT32_TINY:g} (1.0 means no penalty)"
+            )
         if self.early_stopping is not None and not any(
             self.early_stopping is v or self.early_stopping == v and isinstance(v, str) for v in EARLY_STOPPING_VALUES
         ):

@@ -43,13 +43,12 @@ class TokenEvent:
 class _Entry:
     search: SamplingSearch | BeamGroupSearch
     watcher: StopStringWatcher | None
-    rows: int  # rows of this prompt in its cohort's batch
 
 
 class _Cohort:
     """Rows that share one model state: prompts prefilled together, plus those merged in later."""
 
-    def __init__(self, prefill, handles: list[int], entries: dict[int, _Entry], plans, eos_count: int):
+    def __init__(self, prefill, handles: list[int], entries: dict[int, _Entry], plans, row_params):
         counts = np.array([p.rows_per_prompt for p in plans])
         rows = np.repeat(np.arange(len(plans)), counts)  # expand each prompt into its sequences or beams
         self.state = prefill.state
@@ -57,13 +56,17 @@ class _Cohort:
         self.logits = prefill.logits[rows]
         self.history = prefill.history[rows]
         self.is_beam_row = np.repeat([p.is_beam_search for p in plans], counts)
-        self.chain = LogitsChain(RowParams.concat([_row_params(p, p.rows_per_prompt, eos_count) for p in plans]))
-        self.handles = list(handles)  # prompts in row order
-        self.entries = entries
+        self.chain = LogitsChain(RowParams.concat(row_params))
+        self.rows = dict(zip(handles, counts.tolist()))  # prompt -> its rows in this batch, in row order
+        self.entries = entries  # the generator's: a prompt popped from it has its rows dropped at the next step
+
+    def _live(self, handle: int) -> _Entry | None:
+        entry = self.entries.get(handle)
+        return entry if entry is not None and not entry.search.done else None
 
     @property
     def done(self) -> bool:
-        return all(self.entries[h].rows == 0 or self.entries[h].search.done for h in self.handles)
+        return all(n == 0 or self._live(h) is None for h, n in self.rows.items())
 
     def merge(self, other: _Cohort) -> None:
         """Append `other`'s rows to this batch (the model state pads the shorter cache)."""
@@ -73,38 +76,37 @@ class _Cohort:
         self.logits = np.concatenate([self.logits, other.logits])
         self.is_beam_row = np.concatenate([self.is_beam_row, other.is_beam_row])
         self.chain = LogitsChain(RowParams.concat([self.chain.params, other.chain.params]))
-        self.handles += other.handles
+        self.rows.update(other.rows)
 
     def step(self, eos_ids: np.ndarray, events_of) -> list[TokenEvent]:
         scores = self.logits.copy()
         if self.is_beam_row.any():  # beam search ranks by log-probabilities, as transformers does
             scores[self.is_beam_row] = log_softmax(scores[self.is_beam_row])
-        eos_mask = np.concatenate([self._suppress_eos(self.entries[h]) for h in self.handles])
+        eos_mask = np.concatenate([self._suppress_eos(self._live(h), n) for h, n in self.rows.items()])
         scores = self.chain(self.history, scores, eos_mask, eos_ids)
         events, keep, tokens, offset = [], [], [], 0
-        for handle in self.handles:
-            entry = self.entries[handle]
-            n = entry.rows
-            if n and not entry.search.done:
+        for handle, n in list(self.rows.items()):
+            entry = self._live(handle)
+            if n and entry is not None:
                 rows = slice(offset, offset + n)
                 entry.search.advance(scores[rows], self.logits[rows])
                 events.extend(events_of(handle, entry))
                 parents, next_tokens = entry.search.next_rows()
                 keep.append(parents + offset)
                 tokens.append(next_tokens)
-                entry.rows = len(parents)
+                self.rows[handle] = len(parents)
             else:
-                entry.rows = 0
+                self.rows[handle] = 0
             offset += n
-        self.handles = [h for h in self.handles if self.entries[h].rows]
+        self.rows = {h: n for h, n in self.rows.items() if n}
         if keep:
             self._advance_batch(np.concatenate(keep), np.concatenate(tokens))
         return events
 
     @staticmethod
-    def _suppress_eos(entry: _Entry) -> np.ndarray:
-        if entry.rows == 0 or entry.search.done:
-            return np.zeros(entry.rows, dtype=bool)
+    def _suppress_eos(entry: _Entry | None, rows: int) -> np.ndarray:
+        if entry is None or rows == 0:
+            return np.zeros(rows, dtype=bool)
         return entry.search.suppress_eos()
 
     def _advance_batch(self, keep: np.ndarray, tokens: np.ndarray) -> None:
@@ -139,21 +141,25 @@ class Generator:
             raise ValueError(f"add needs one plan per prompt: {len(prompts)} prompts, {len(plans)} plans")
         if not prompts:
             raise ValueError("add needs at least one prompt")
-        prefill = self.model.prefill(prompts)
         eos = tuple(int(t) for t in self.eos_ids)
+        # Everything that can fail runs before the generator records anything: a failed add leaves it unchanged.
+        row_params = [_row_params(p, p.rows_per_prompt, len(eos)) for p in plans]
+        prefill = self.model.prefill(prompts)
         handles = list(range(self._next_handle, self._next_handle + len(prompts)))
-        self._next_handle += len(prompts)
+        entries = {}
         for handle, plan, prompt_length in zip(handles, plans, prefill.prompt_lengths):
             min_new, max_new = plan.new_token_bounds(int(prompt_length))
             search_class = BeamGroupSearch if plan.is_beam_search else SamplingSearch
             watcher = StopStringWatcher(plan.stop, self.detokenize) if plan.stop else None
-            self.entries[handle] = _Entry(search_class(plan, min_new, max_new, eos), watcher, plan.rows_per_prompt)
-        cohort = _Cohort(prefill, handles, self.entries, plans, len(eos))
+            entries[handle] = _Entry(search_class(plan, min_new, max_new, eos), watcher)
+        cohort = _Cohort(prefill, handles, self.entries, plans, row_params)
         self.cohorts = [c for c in self.cohorts if not c.done]
         if self.cohorts and hasattr(self.cohorts[0].state, "extend"):
             self.cohorts[0].merge(cohort)
         else:
             self.cohorts.append(cohort)
+        self._next_handle += len(prompts)
+        self.entries.update(entries)
         return handles
 
     def is_done(self) -> bool:
@@ -185,6 +191,25 @@ class Generator:
             raise ValueError(f"prompt {handle} is still generating; cancel it first or wait for is_finished()")
         del self.entries[handle]
         return entry.search.results()
+
+    def top_logprobs(self, wanted: dict[int, int]) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """(handle, sequence) -> (ids, logprobs) of the k most likely next tokens under the model's own
+        distribution, for sampling/greedy prompts in `wanted` (handle -> k): what the next `step` chooses from
+        (OpenAI's `top_logprobs`). Beam search has no per-sequence next token and is left out."""
+        found: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for cohort in self.cohorts:
+            offset = 0
+            for handle, rows in cohort.rows.items():
+                entry, k = cohort._live(handle), wanted.get(handle)
+                if k and rows and entry is not None and isinstance(entry.search, SamplingSearch):
+                    logprobs = log_softmax(cohort.logits[offset : offset + rows])
+                    k = min(k, logprobs.shape[1])
+                    top = np.argpartition(-logprobs, k - 1, axis=1)[:, :k]
+                    for row, seq in enumerate(entry.search.live):
+                        ids = top[row][np.argsort(-logprobs[row, top[row]], kind="stable")]
+                        found[(handle, seq)] = (ids, logprobs[row, ids])
+                offset += rows
+        return found
 
     def _events(self, handle: int, entry: _Entry) -> list[TokenEvent]:
         search = entry.search

@@ -18,6 +18,13 @@ FORMAT_NAME = "onnxgen"
 FORMAT_VERSION = 1
 SUPPORTED_ARCHITECTURES = ("gpt2", "t5")
 
+# `Manifest.optimizations` entries. STATIC_KV also names a graph layout: GPT-2's decoder built by
+# onnxgen.export.builders (GroupQueryAttention over a key/value buffer shared between past and present, fed by
+# per-row lengths instead of an attention mask, returning only the last position's logits).
+FUSED_GQA = "fused-gqa"  # SkipLayerNormalization, FastGelu, packed QKV into GroupQueryAttention
+LAST_LOGITS = "last-logits"  # logits (batch, vocab) of each row's last valid position only
+STATIC_KV = "static-kv"  # past_key_values.* (batch, heads, max_length, head_size) are written in place
+
 # Hugging Face model types that share GPT-2's or T5's graph layout.
 _MODEL_TYPE_TO_ARCHITECTURE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5"}
 
@@ -76,6 +83,11 @@ class Manifest:
     @property
     def is_encoder_decoder(self) -> bool:
         return self.architecture == "t5"
+
+    @property
+    def has_static_kv(self) -> bool:
+        """The decoder takes the static key/value layout (see STATIC_KV) instead of optimum's."""
+        return STATIC_KV in self.optimizations
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -138,11 +150,14 @@ def required_graphs(architecture: str) -> tuple[str, ...]:
 
 
 def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
-    """The input and output names each graph must have, derived from the layer count alone."""
+    """The input and output names each graph must have, derived from the layer count and the layout."""
     n = manifest.num_layers
     if manifest.architecture == "gpt2":
         past = {f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")}
         present = {f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")}
+        if manifest.has_static_kv:
+            lengths = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length"}
+            return {"decoder": (lengths | past, {"logits"} | present)}
         return {"decoder": ({"input_ids", "attention_mask", "position_ids"} | past, {"logits"} | present)}
     self_past = {f"past_key_values.{i}.decoder.{kv}" for i in range(n) for kv in ("key", "value")}
     cross_past = {f"past_key_values.{i}.encoder.{kv}" for i in range(n) for kv in ("key", "value")}

@@ -306,3 +306,20 @@ def test_eager_eos_t5_stops_a_few_tokens_in(eager_eos_t5_checkpoint):
         out = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=20, do_sample=False)[0]
         generated = out.tolist()[1:]  # after the decoder start token
         assert len(generated) == tiny_models.EAGER_EOS_T5_MIN_STEPS + 1 and generated[-1] == 1
+
+
+def test_fused_export_through_export_model_and_the_cli(tiny_gpt2_checkpoint, tiny_t5_checkpoint, tmp_path):
+    from onnxgen import TextGeneration
+    from onnxgen.export.cli import add_export_arguments, run_export
+
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    out = tmp_path / "fused"
+    assert run_export(parser.parse_args([str(tiny_gpt2_checkpoint), str(out), "--optimize", "fused"])) == 0
+    manifest = json.loads((out / "onnxgen.json").read_text())
+    assert "static-kv" in manifest["optimizations"] and manifest["verification"]["passed"] is True
+    fused = TextGeneration(out, device="cpu")("The café", do_sample=False, max_new_tokens=8)
+    export_model(tiny_gpt2_checkpoint, tmp_path / "plain")
+    assert fused == TextGeneration(tmp_path / "plain", device="cpu")("The café", do_sample=False, max_new_tokens=8)
+    with pytest.raises(ExportError, match="GPT-2 only"):
+        export_model(tiny_t5_checkpoint, tmp_path / "t5", optimize="fused")

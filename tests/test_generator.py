@@ -193,3 +193,44 @@ def test_beam_search_finds_a_better_sequence_than_greedy():
     greedy = run(model, [[3]], [plan(max_new_tokens=6)])[0][0][0].token_ids
     beam = run(model, [[3]], [plan(num_beams=4, max_new_tokens=6)])[0][0][0].token_ids
     assert logprob(beam) >= logprob(greedy) - 1e-6
+
+
+def test_popping_a_cancelled_prompt_before_the_next_step_is_safe():
+    generator = Generator(TableModel(eos_bias=-5.0))
+    a, b = generator.start([[3], [4]], [plan(max_new_tokens=6)] * 2)
+    generator.step()
+    generator.cancel(a)
+    assert generator.pop(a)[0].finish_reason == "cancelled"
+    while not generator.is_done():
+        generator.step()
+    assert len(generator.pop(b)[0].token_ids) == 6
+
+
+def test_a_failed_add_leaves_the_generator_unchanged():
+    class Failing(TableModel):
+        def prefill(self, prompts):
+            raise RuntimeError("the model refused")
+
+    generator = Generator(Failing())
+    with pytest.raises(RuntimeError):
+        generator.add([[3]], [plan(max_new_tokens=4)])
+    assert generator.is_done() and generator.entries == {}
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (dict(temperature=1e-300), "temperature must be 0"),
+        (dict(repetition_penalty=1e-300), "repetition_penalty must be"),
+        (dict(top_k=10**400), r"top_k must be an integer in \[0, 2147483647\]"),
+        (dict(length_penalty=10**400), "length_penalty must be a finite number"),
+    ],
+)
+def test_extreme_values_are_refused_at_the_boundary(params, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**params)
+
+
+def test_an_extreme_length_penalty_does_not_break_beam_search():
+    results, _ = run(TableModel(eos_bias=1.0), [[3]], [plan(num_beams=2, max_new_tokens=5, length_penalty=1e308)])
+    assert len(results[0]) == 1

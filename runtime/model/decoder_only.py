@@ -88,8 +88,12 @@ class DecoderOnlyState:
         return logits
 
     def select(self, rows: np.ndarray) -> None:
-        self.cache.select(rows)
-        self.attention_mask = self.attention_mask[rows]
+        mask = self.attention_mask[rows]
+        # Rows that joined a batch were left-padded to its width; once the longer rows leave, leading columns
+        # that every remaining row masks are dropped, so the cache never outgrows its live rows.
+        start = int(np.argmax(mask.any(axis=0))) if mask.size else 0
+        self.cache.select(rows, start)
+        self.attention_mask = mask[:, start:]
         self.next_positions = self.next_positions[rows]
 
     def extend(self, other: DecoderOnlyState) -> None:

@@ -35,11 +35,12 @@ class KVCache:
     def sequence_length(self, name: str) -> int:
         return int(self.values[name].shape()[2])
 
-    def select(self, rows: np.ndarray) -> None:
-        """Gather rows of every tensor (beam reordering, expansion, dropping finished rows)."""
+    def select(self, rows: np.ndarray, first_position: int = 0) -> None:
+        """Gather rows of every tensor (beam reordering, expansion, dropping finished rows), keeping positions
+        from `first_position` on."""
         # A host round trip on CUDA: device-side reordering is the GPU issue's job.
         for name, value in self.values.items():
-            self.set_numpy(name, value.numpy()[rows])
+            self.set_numpy(name, value.numpy()[rows, :, first_position:])
 
     def extend(self, other: KVCache, length: int) -> None:
         """Append `other`'s rows; both caches are left-padded with zeros to `length` positions (the attention

@@ -1,0 +1,211 @@
+"""GPT-2 as one ONNX graph of onnxruntime's fused operators, built straight from the checkpoint's weights.
+
+Per layer (hidden size D, N heads of size H, shapes for a batch of B rows of S tokens)::
+
+    qkv     = MatMul(ln_1(x), c_attn.W) + c_attn.b               (B, S, 3D)   Q, K, V heads packed as GPT-2 has them
+    a, K, V = GroupQueryAttention(qkv, past K, past V, ...)      (B, S, D)    kv_num_heads = num_heads
+    ln_2(x), x = SkipLayerNormalization(a @ c_proj.W, x, c_proj.b)            the residual sum is its 4th output
+    m       = FastGelu(MatMul(ln_2(x), c_fc.W), c_fc.b) @ mlp.c_proj.W          gelu_new is the tanh approximation
+    ln_1'(x), x = SkipLayerNormalization(m, x, mlp.c_proj.b)                    fused with the next layer's ln_1
+
+The key/value inputs are buffers of a fixed length (B, N, max_length, H) that the runtime binds as both
+``past_key_values.{i}.*`` and ``present.{i}.*``: GroupQueryAttention then writes each new position in place at
+``seqlens_k`` and attends to positions ``0 .. seqlens_k`` of each row. Rows are right-padded: row b holds its
+tokens at positions 0 .. seqlens_k[b]. The last valid position of each row is gathered before the final
+projection, so the LM head (tied to the token embedding: one initializer, read transposed by Gemm) runs on
+(B, D) only, prompt included.
+
+Inputs: input_ids (B, S) int64; position_ids (B, S) int64; seqlens_k (B,) int32 = tokens in the row after this
+call - 1; total_sequence_length () int32 = S for a prompt (every row starts empty), max(seqlens_k) + 1 for a step
+of one token; past_key_values.{i}.key/value (B, N, max_length, H) float32.
+Outputs: logits (B, V) float32; present.{i}.key/value, the same buffers.
+
+onnxruntime's CPU GroupQueryAttention needs H to be a multiple of 8 (GPT-2 sizes have 64) and one token per row
+after the prompt; a prompt must start from empty rows (sequence length == total_sequence_length).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto
+
+from onnxgen.export.builders.graph import MS_DOMAIN, GraphBuilder, save_model
+from onnxgen.export.errors import ExportError
+from onnxgen.manifest import FUSED_GQA, LAST_LOGITS, STATIC_KV, GraphSpec
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILE = "decoder_fused.onnx"
+OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV)
+# Hugging Face activation names -> how the graph computes them. FastGelu is the tanh approximation
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); BiasGelu is the exact erf form.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+ERF_GELUS = ("gelu", "gelu_python")
+ACTIVATIONS = TANH_GELUS + ERF_GELUS + ("relu",)
+
+
+@dataclass(frozen=True)
+class Gpt2Dims:
+    """The hyperparameters the graph needs, read from a GPT2Config."""
+
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    epsilon: float
+    activation: str
+    attention_scales: tuple[float, ...]  # per layer: what q.k is multiplied by before the softmax
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_config(cls, config: Any) -> Gpt2Dims:
+        heads, hidden = int(config.n_head), int(config.n_embd)
+        if hidden % heads:
+            raise ExportError(f"n_embd ({hidden}) is not a multiple of n_head ({heads})")
+        head_size = hidden // heads
+        if head_size % 8:
+            raise ExportError(
+                f"head size {head_size} (n_embd / n_head) is not a multiple of 8, which onnxruntime's "
+                "GroupQueryAttention needs on CPU; export without the fused graph"
+            )
+        activation = getattr(config, "activation_function", "gelu_new")
+        if activation not in ACTIVATIONS:
+            raise ExportError(
+                f"activation_function {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+            )
+        if getattr(config, "add_cross_attention", False):
+            raise ExportError("GPT-2 with cross-attention (add_cross_attention=True) is not supported")
+        layers = int(config.n_layer)
+        scale = 1.0 / math.sqrt(head_size) if getattr(config, "scale_attn_weights", True) else 1.0
+        by_layer = getattr(config, "scale_attn_by_inverse_layer_idx", False)
+        scales = tuple(scale / (i + 1) if by_layer else scale for i in range(layers))
+        return cls(
+            num_layers=layers, num_heads=heads, hidden_size=hidden, vocab_size=int(config.vocab_size),
+            max_positions=int(config.n_positions), epsilon=float(config.layer_norm_epsilon), activation=activation,
+            attention_scales=scales,
+        )
+
+
+class Gpt2Weights:
+    """GPT2LMHeadModel's state_dict as float32 NumPy arrays ("transformer." prefix optional).
+
+    Conv1D weights are (in, out), which is what MatMul wants. `lm_head` is None when it is tied to the token
+    embedding (missing from the checkpoint, the same storage, or equal values).
+    """
+
+    def __init__(self, state_dict: Mapping[str, Any]) -> None:
+        self._arrays = {_strip(name): value for name, value in state_dict.items()}
+        self.wte = self["wte.weight"]
+        head = self._arrays.get("lm_head.weight")
+        head = None if head is None else _to_numpy(head)
+        tied = head is None or np.shares_memory(head, self.wte) or np.array_equal(head, self.wte)
+        self.lm_head = None if tied else head
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            raise ExportError(f"the checkpoint has no weight {name!r} (is it a GPT2LMHeadModel?)")
+        return _to_numpy(self._arrays[name])
+
+
+def _strip(name: str) -> str:
+    return name.removeprefix("transformer.")
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor; imported lazily by whoever made it
+        value = value.detach().cpu().float().numpy()
+    return np.ascontiguousarray(value, dtype=np.float32)
+
+
+def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any]) -> Any:
+    """The onnx.ModelProto of the layout described in the module docstring."""
+    dims = Gpt2Dims.from_config(config)
+    weights = Gpt2Weights(state_dict)
+    g = GraphBuilder("gpt2_fused_static_kv")
+    buffer = ["batch", dims.num_heads, "max_length", dims.head_size]
+    input_ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    position_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
+    seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch"])
+    total = g.input("total_sequence_length", TensorProto.INT32, [])
+    g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])  # first, as optimum's graph has it
+    wte = g.initializer("wte.weight", weights.wte)
+    tokens = g.node("Gather", [wte, input_ids])
+    positions = g.node("Gather", [g.initializer("wpe.weight", weights["wpe.weight"]), position_ids])
+    x, residual = tokens, positions  # (B, S, D); the first SkipLayerNormalization adds them
+    bias = ""  # what the previous sublayer's output still lacks (its projection's bias)
+    for i in range(dims.num_layers):
+        p = f"h.{i}."
+        normed, residual = _skip_norm(g, weights, x, residual, bias, p + "ln_1", dims.epsilon)
+        qkv = g.node("MatMul", [normed, g.initializer(p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"])])
+        qkv = g.node("Add", [qkv, g.initializer(p + "attn.c_attn.bias", weights[p + "attn.c_attn.bias"])])
+        pasts = [g.input(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, buffer) for kv in ("key", "value")]
+        presents = [g.output(f"present.{i}.{kv}", TensorProto.FLOAT, buffer) for kv in ("key", "value")]
+        attention = g.node(
+            "GroupQueryAttention", [qkv, "", "", *pasts, seqlens_k, total], [f"attention.{i}", *presents],
+            domain=MS_DOMAIN, num_heads=dims.num_heads, kv_num_heads=dims.num_heads,
+            scale=dims.attention_scales[i],
+        )[0]
+        x = g.node("MatMul", [attention, g.initializer(p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"])])
+        normed, residual = _skip_norm(g, weights, x, residual, p + "attn.c_proj.bias", p + "ln_2", dims.epsilon)
+        x = g.node("MatMul", [normed, g.initializer(p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"])])
+        x = _activation(g, dims.activation, x, g.initializer(p + "mlp.c_fc.bias", weights[p + "mlp.c_fc.bias"]))
+        x = g.node("MatMul", [x, g.initializer(p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"])])
+        bias = p + "mlp.c_proj.bias"
+    hidden, _ = _skip_norm(g, weights, x, residual, bias, "ln_f", dims.epsilon, last=True)
+    last = g.node("GatherND", [hidden, _last_positions(g, input_ids, seqlens_k)], batch_dims=1)  # (B, D)
+    head = wte if weights.lm_head is None else g.initializer("lm_head.weight", weights.lm_head)
+    g.node("Gemm", [last, head], ["logits"], transB=1)  # (B, D) x (V, D)^T: the tied matrix is not copied
+    return g.model(producer="onnxgen.export.builders.gpt2")
+
+
+def _skip_norm(g, weights, x, residual, bias, norm, epsilon, last=False):
+    """LayerNorm(x + residual + bias) and, unless `last`, the new residual x + residual + bias."""
+    inputs = [x, residual, g.initializer(norm + ".weight", weights[norm + ".weight"])]
+    inputs.append(g.initializer(norm + ".bias", weights[norm + ".bias"]))
+    if bias:
+        inputs.append(g.initializer(bias, weights[bias]))
+    outputs = 1 if last else [f"{norm}/out", "", "", f"{norm}/residual"]
+    result = g.node("SkipLayerNormalization", inputs, outputs, domain=MS_DOMAIN, epsilon=epsilon)
+    return (result, None) if last else (result[0], result[3])
+
+
+def _activation(g, activation, x, bias):
+    if activation in TANH_GELUS:
+        return g.node("FastGelu", [x, bias], domain=MS_DOMAIN)
+    if activation in ERF_GELUS:
+        return g.node("BiasGelu", [x, bias], domain=MS_DOMAIN)
+    return g.node("Relu", [g.node("Add", [x, bias])])
+
+
+def _last_positions(g, input_ids, seqlens_k):
+    """(B, 1) int64: seqlens_k for a prompt (rows are right-padded), 0 for a one-token step: min(seqlens_k, S-1)."""
+    width = g.node("Shape", [input_ids], start=1, end=2)  # (1,) = S
+    last_column = g.node("Sub", [width, g.constant("one_i64", [1], np.int64)])
+    lengths = g.node("Cast", [seqlens_k], to=TensorProto.INT64)
+    index = g.node("Min", [lengths, last_column])  # (B,)
+    return g.node("Unsqueeze", [index, g.constant("axis_1", [1], np.int64)])
+
+
+def write_gpt2(
+    model: Any, output_dir: str | Path, *, file: str = GRAPH_FILE, external_data_threshold: int = 2 * 1024**3
+) -> GraphSpec:
+    """Build the graph of a GPT2LMHeadModel into ``output_dir/file``; return its spec for the manifest.
+
+    The manifest that names this graph must list :data:`OPTIMIZATIONS` so the runtime binds its layout.
+    """
+    path = Path(output_dir) / file
+    onnx_model = build_gpt2_graph(model.config, model.state_dict())
+    save_model(onnx_model, path, external_data_threshold)
+    graph = onnx_model.graph
+    return GraphSpec(file=file, inputs=tuple(i.name for i in graph.input), outputs=tuple(o.name for o in graph.output))

@@ -1,0 +1,245 @@
+"""The GPT-2 graph builder and the static decode step, against transformers and against optimum's graph.
+
+The static directory is the tiny checkpoint's onnxgen export with its decoder replaced by the builder's graph
+(GroupQueryAttention over key/value buffers shared between past and present, last-position logits only). Its logits
+must match transformers and optimum's graph, and generation through it must give the same tokens as the dynamic
+path for every search and batching the generator does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+
+from test_parity import GPT2_PROMPTS, HFReference, _check_ids_and_text  # noqa: E402
+
+from onnxgen import TextGeneration  # noqa: E402
+from onnxgen.export.builders import GPT2_OPTIMIZATIONS, write_gpt2  # noqa: E402
+from onnxgen.export.builders.verify import verify_static_gpt2  # noqa: E402
+from onnxgen.generator import Generator  # noqa: E402
+from onnxgen.manifest import STATIC_KV, expected_io, load_manifest  # noqa: E402
+from onnxgen.model import load_model  # noqa: E402
+from onnxgen.model import static_decoder  # noqa: E402
+from onnxgen.model.decoder_only import DecoderOnlyModel  # noqa: E402
+from onnxgen.model.static_decoder import StaticDecoderModel  # noqa: E402
+
+ATOL = 1e-4
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths: padded rows in one batch
+
+
+def make_static_dir(checkpoint: Path, onnx_dir: Path, output: Path) -> Path:
+    """The onnxgen export at `onnx_dir` with its decoder replaced by the builder's graph of `checkpoint`."""
+    output.mkdir(parents=True, exist_ok=True)
+    for path in onnx_dir.iterdir():
+        if path.is_file() and not path.name.endswith((".onnx", ".onnx.data", "onnxgen.json")):
+            shutil.copy(path, output / path.name)
+    model = transformers.GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    spec = write_gpt2(model, output)
+    manifest = dataclasses.replace(load_manifest(onnx_dir), graphs={"decoder": spec}, optimizations=GPT2_OPTIMIZATIONS)
+    manifest.save(output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_gpt2_checkpoint):
+    return transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def static_dir(tiny_gpt2_checkpoint, tiny_gpt2_onnx, tmp_path_factory):
+    return make_static_dir(tiny_gpt2_checkpoint, tiny_gpt2_onnx, tmp_path_factory.mktemp("static") / "tiny_gpt2")
+
+
+@pytest.fixture(scope="module")
+def eager_static_dir(eager_eos_gpt2_checkpoint, eager_eos_gpt2_onnx, tmp_path_factory):
+    out = tmp_path_factory.mktemp("static") / "eager_eos_gpt2"
+    return make_static_dir(eager_eos_gpt2_checkpoint, eager_eos_gpt2_onnx, out)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_gpt2_onnx, static_dir):
+    """(dynamic, static) TextGeneration over the same weights."""
+    return TextGeneration(tiny_gpt2_onnx, device="cpu"), TextGeneration(static_dir, device="cpu")
+
+
+# -- the graph ----------------------------------------------------------------------------------------------
+
+
+def _graph(directory: Path):
+    return onnx.load(str(directory / load_manifest(directory).graphs["decoder"].file)).graph
+
+
+def test_the_graph_is_made_of_fused_operators_and_keeps_one_embedding(static_dir, eager_static_dir):
+    graph = _graph(static_dir)
+    ops = {node.op_type for node in graph.node}
+    assert {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu", "Gemm"} <= ops
+    assert not ops & {"Softmax", "Attention", "MultiHeadAttention", "Tanh", "Pow"}
+    names = [t.name for t in graph.initializer]
+    assert "lm_head.weight" not in names and names.count("wte.weight") == 1
+    head = next(node for node in graph.node if node.op_type == "Gemm")
+    assert head.input[1] == "wte.weight" and onnx.helper.get_attribute_value(head.attribute[0]) == 1
+    assert "lm_head.weight" in [t.name for t in _graph(eager_static_dir).initializer]  # untied checkpoint
+
+
+def test_the_manifest_names_the_layout_and_old_manifests_still_load(static_dir, tiny_gpt2_onnx):
+    manifest = load_manifest(static_dir)
+    assert manifest.has_static_kv and STATIC_KV in manifest.optimizations
+    inputs, outputs = expected_io(manifest)["decoder"]
+    assert {"seqlens_k", "total_sequence_length"} <= inputs and "attention_mask" not in inputs
+    assert isinstance(load_model(manifest, static_dir, "auto"), StaticDecoderModel)
+    dynamic = load_manifest(tiny_gpt2_onnx)
+    assert not dynamic.has_static_kv
+    assert isinstance(load_model(dynamic, tiny_gpt2_onnx, "cpu"), DecoderOnlyModel)
+
+
+def test_the_export_check_passes(hf_model, static_dir):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(static_dir)
+    record = verify_static_gpt2(hf_model, tokenizer, static_dir, load_manifest(static_dir).graphs, ATOL)
+    assert record["passed"], record
+
+
+# -- logits -------------------------------------------------------------------------------------------------
+
+
+def _run_steps(model, prompts: list[list[int]], steps: int) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Prefill, then greedy steps; the logits of every call and the sequences they lead to."""
+    prefill = model.prefill(prompts)
+    logits, state = [prefill.logits], prefill.state
+    sequences = [list(p) for p in prompts]
+    for _ in range(steps):
+        tokens = logits[-1].argmax(axis=-1)
+        for row, token in zip(sequences, tokens):
+            row.append(int(token))
+        logits.append(state.step(tokens.astype(np.int64)))
+    return logits, sequences
+
+
+def test_logits_match_transformers_for_a_padded_batch_and_decode_steps(hf_model, static_dir):
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    logits, sequences = _run_steps(model, PROMPTS, steps=6)
+    with torch.no_grad():
+        for r, sequence in enumerate(sequences):
+            reference = hf_model(torch.tensor([sequence])).logits[0].numpy()
+            n = len(PROMPTS[r])
+            got = np.stack([step[r] for step in logits])  # after positions n-1, n, ..., n+5
+            np.testing.assert_allclose(got, reference[n - 1 : n + len(logits) - 1], atol=ATOL, rtol=0)
+
+
+def test_logits_match_optimums_graph(static_dir, tiny_gpt2_onnx):
+    static = load_model(load_manifest(static_dir), static_dir, "cpu")
+    dynamic = load_model(load_manifest(tiny_gpt2_onnx), tiny_gpt2_onnx, "cpu")
+    static_logits, static_sequences = _run_steps(static, PROMPTS, steps=5)
+    dynamic_logits, dynamic_sequences = _run_steps(dynamic, PROMPTS, steps=5)
+    assert static_sequences == dynamic_sequences
+    np.testing.assert_allclose(np.stack(static_logits), np.stack(dynamic_logits), atol=ATOL, rtol=0)
+
+
+def test_steps_write_the_bound_buffer_in_place(static_dir):
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    prefill = model.prefill(PROMPTS)
+    state = prefill.state
+    buffer = state.kv
+    assert np.all(buffer[:, :, :, :, 7:] == 0)  # the prompt wrote its 7 padded columns
+    padding = buffer[:, :, 1, :, 2].copy()  # row 1 holds 2 tokens; column 2 is padding until the step
+    state.step(np.array([1, 2, 3]))
+    assert state.kv is buffer and not np.array_equal(buffer[:, :, 1, :, 2], padding)
+    assert np.all(buffer[:, :, 0, :, 8:] == 0) and np.any(buffer[:, :, 0, :, 7] != 0)
+    assert list(state.lengths) == [8, 3, 5]
+
+
+# -- tokens: static against dynamic, and against transformers -------------------------------------------------
+
+SEARCHES = [
+    ("greedy", dict(do_sample=False, max_new_tokens=20)),
+    ("beam3-n2", dict(num_beams=3, max_new_tokens=12, num_generations=2)),
+    ("beam4-lp0.5", dict(num_beams=4, max_new_tokens=10, length_penalty=0.5)),
+    ("sampling", dict(do_sample=True, top_k=20, temperature=1.1, max_new_tokens=15, seed=3, num_generations=2)),
+    ("repetition-ngram", dict(do_sample=False, max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=2)),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in SEARCHES], ids=[c[0] for c in SEARCHES])
+def test_static_gives_the_dynamic_paths_tokens_on_a_mixed_length_batch(pair, kwargs):
+    dynamic, static = pair
+    prompts = [dynamic.tokenizer.encode(p) for p in GPT2_PROMPTS]
+    assert len({len(p) for p in prompts}) == 3
+    assert static.generate_ids(prompts, **kwargs) == dynamic.generate_ids(prompts, **kwargs)
+
+
+def _join_mid_run(tg: TextGeneration) -> list[list[int]]:
+    """A greedy prompt runs two steps alone, then a beam prompt and a second greedy one join it."""
+    prompts = [tg.tokenizer.encode(p) for p in GPT2_PROMPTS]
+    generator = Generator(tg.model, tg.tokenizer.decode)
+    handles = generator.add([prompts[0]], [tg.plan(dict(do_sample=False, max_new_tokens=12))])
+    generator.step()
+    generator.step()
+    handles += generator.add(prompts[1:], [tg.plan(dict(num_beams=3, max_new_tokens=8)),
+                                           tg.plan(dict(do_sample=False, max_new_tokens=10))])
+    while not generator.is_done():
+        generator.step()
+    return [[out.token_ids for out in generator.pop(h)] for h in handles]
+
+
+def test_a_prompt_joining_mid_run_gets_the_dynamic_paths_tokens(pair):
+    dynamic, static = pair
+    joined = _join_mid_run(static)
+    assert joined == _join_mid_run(dynamic)
+    prompts = [static.tokenizer.encode(p) for p in GPT2_PROMPTS]
+    assert joined[1] == static.generate_ids([prompts[1]], num_beams=3, max_new_tokens=8)[0]  # as if alone
+
+
+def test_buffers_grow_by_chunks_without_changing_tokens(pair, monkeypatch):
+    dynamic, static = pair
+    monkeypatch.setattr(static_decoder, "KV_CHUNK", 8)  # prompts of 2-12 tokens plus 25 new: several growths
+    prompts = [dynamic.tokenizer.encode(p) for p in GPT2_PROMPTS]
+    for kwargs in (dict(do_sample=False, max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)):
+        assert static.generate_ids(prompts, **kwargs) == dynamic.generate_ids(prompts, **kwargs)
+    prefill = static.model.prefill(prompts)
+    assert prefill.state.capacity == 16
+
+
+def test_history_is_the_left_padded_prompt_matrix(pair):
+    dynamic, static = pair
+    a, b = dynamic.model.prefill(PROMPTS), static.model.prefill(PROMPTS)
+    np.testing.assert_array_equal(a.history, b.history)
+    np.testing.assert_array_equal(a.prompt_lengths, b.prompt_lengths)
+
+
+def test_a_sequence_longer_than_the_positions_is_refused(static_dir):
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+        model.prefill([[1] * 257])
+
+
+def test_cuda_is_refused_by_name(static_dir):
+    with pytest.raises(ValueError, match="device='cpu' only"):
+        StaticDecoderModel(load_manifest(static_dir), static_dir, "cuda")
+
+
+PARITY_CASES = [
+    ("greedy", dict(do_sample=False, max_new_tokens=20)),
+    ("beam3-lp2", dict(num_beams=3, max_new_tokens=12, length_penalty=2.0)),
+    ("beam4-lp0.5-n2", dict(num_beams=4, max_new_tokens=10, length_penalty=0.5, num_return_sequences=2)),
+    ("ngram3-beam3", dict(num_beams=3, max_new_tokens=15, no_repeat_ngram_size=3)),
+    ("repetition1.5", dict(do_sample=False, max_new_tokens=20, repetition_penalty=1.5)),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in PARITY_CASES], ids=[c[0] for c in PARITY_CASES])
+def test_static_matches_transformers(tiny_gpt2_checkpoint, pair, kwargs):
+    _check_ids_and_text(HFReference(tiny_gpt2_checkpoint, seq2seq=False), pair[1], GPT2_PROMPTS, kwargs)
+
+
+def test_untied_head_with_early_eos_matches_transformers(eager_eos_gpt2_checkpoint, eager_static_dir):
+    hf = HFReference(eager_eos_gpt2_checkpoint, seq2seq=False)
+    tg = TextGeneration(eager_static_dir, device="cpu")
+    for kwargs in (dict(do_sample=False, max_new_tokens=20, min_new_tokens=8), dict(num_beams=4, max_new_tokens=15)):
+        _check_ids_and_text(hf, tg, GPT2_PROMPTS, kwargs)
