@@ -237,7 +237,10 @@ def genai_config(model: str, optimum_dir: Path, provider: str | None = None, thr
 def _build_onnxgen(model: str, out: Path) -> None:
     from onnxgen.export import export_model
 
-    export_model(str(path(model, "hf")), str(out), force=True)
+    # GPT-2 runs onnxgen's fused graph (what `onnxgen export --optimize fused` gives; CPU only), T5 the portable
+    # optimum graphs. ONNXGEN_BENCH_OPTIMIZE=none measures GPT-2's portable path (and is what CUDA needs).
+    optimize = os.environ.get("ONNXGEN_BENCH_OPTIMIZE", "fused") if MODELS[model][0] == "gpt2" else "none"
+    export_model(str(path(model, "hf")), str(out), force=True, optimize=optimize)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
