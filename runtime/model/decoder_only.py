@@ -12,8 +12,9 @@ from .kv_cache import KVCache
 from .session import create_session
 
 
-class DecoderOnlyModel:
-    """Sessions and settings of a GPT-2 export; `prefill` starts a batch, the returned state steps it."""
+class Gpt2Session:
+    """The decoder session of a GPT-2 directory, checked against its manifest, and the settings every GPT-2
+    layout shares."""
 
     def __init__(self, manifest: Manifest, directory: Path, device: str, intra_op_threads: int | None = None):
         spec = manifest.graphs["decoder"]
@@ -31,6 +32,13 @@ class DecoderOnlyModel:
         self.eos_token_ids = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
         # GPT-2 has no padding token; transformers pads with EOS, and so do we (the ids reach the processors).
         self.pad_token_id = tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_id or 0
+
+
+class DecoderOnlyModel(Gpt2Session):
+    """GPT-2 over optimum's graph: `prefill` starts a batch, the returned state steps it."""
+
+    def __init__(self, manifest: Manifest, directory: Path, device: str, intra_op_threads: int | None = None):
+        super().__init__(manifest, directory, device, intra_op_threads)
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 

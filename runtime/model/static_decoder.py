@@ -18,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..manifest import Manifest, check_graph_io
+from ..manifest import Manifest
 from .base import Prefill
-from .session import create_session, import_onnxruntime
+from .decoder_only import Gpt2Session
+from .session import import_onnxruntime
 
 KV_CHUNK = 128  # positions added to the buffers at a time
 
 
-class StaticDecoderModel:
+class StaticDecoderModel(Gpt2Session):
     """The session of a GPT-2 graph built by onnxgen's builder; `prefill` starts a batch, its state steps it."""
 
     def __init__(self, manifest: Manifest, directory: Path, device: str, intra_op_threads: int | None = None):
@@ -35,21 +36,8 @@ class StaticDecoderModel:
                 f"runs on device='cpu' only (onnxruntime's CUDA GroupQueryAttention takes float16, not float32); "
                 f"got {device!r}"
             )
-        spec = manifest.graphs["decoder"]
+        super().__init__(manifest, directory, device, intra_op_threads)
         self.ort = import_onnxruntime()
-        self.session = create_session(directory / spec.file, device, intra_op_threads)
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        check_graph_io(manifest, "decoder", [i.name for i in inputs], [o.name for o in outputs])
-        self.device = device
-        self.num_layers = manifest.num_layers
-        self.num_heads = manifest.num_heads
-        self.head_size = manifest.head_size
-        self.vocab_size = manifest.vocab_size
-        self.max_positions = manifest.max_positions
-        tokens = manifest.special_tokens
-        self.eos_token_ids = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
-        # As the dynamic path: transformers pads GPT-2 with EOS, and the padded ids reach the processors.
-        self.pad_token_id = tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_id or 0
         layers = range(self.num_layers)  # (past input, present output) per layer, key then value
         self.buffer_names = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in layers for kv in ("key", "value")]
 
