@@ -185,6 +185,22 @@ def table(batch: dict, serve_rows: dict, args) -> str:
     return "\n".join(lines)
 
 
+def reading(batch: dict, serve_rows: dict, args) -> str:
+    """The run's main ratios in a sentence, from the numbers themselves."""
+    steady = {name.split(",")[0] + name.split(",")[1][:2]: r["steady_tokens_s"] for name, r in batch.items()}
+    parts = []
+    if {"Ray Data 1", "Ray Data 2", "in process 2"} <= steady.keys():
+        parts.append(f"two 1-thread actors generate {steady['Ray Data 2'] / steady['Ray Data 1']:.2f}× as fast as one "
+                     f"(steady), and {steady['Ray Data 2'] / steady['in process 2']:.2f}× as fast as one process "
+                     "given both cores as onnxruntime threads: on CPU, splitting the cores between model copies "
+                     "beats giving one copy more threads")
+    rates = [r["requests"] * args.new_tokens / r["seconds"] for r in serve_rows.values()]
+    if len(rates) == 2:
+        parts.append(f"two replicas serve {rates[1] / rates[0]:.2f}× the tokens/s of one under {args.clients} "
+                     "concurrent clients, which share the two cores with the replicas and Ray's proxy")
+    return ("In this run " + "; ".join(parts) + ".") if parts else ""
+
+
 def environment() -> str:
     import onnxruntime
     import ray
@@ -307,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(saved, default=str, indent=1))
     if args.write_md:
         write_section(args.write_md, f"{SECTION}\n\nProduced by `benchmarks/ray_scaling.py` on {env}.\n\n"
-                      f"```\n{command}\n```\n\n{text}\n\n{NOTES}")
+                      f"```\n{command}\n```\n\n{text}\n\n{reading(batch, serve_rows, args)}\n\n{NOTES}")
     return 0
 
 
