@@ -188,12 +188,22 @@ def _run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_serve_ray(args: argparse.Namespace) -> int:
-    from onnxgen.ray.serve import serve_ray
+def _server_limits(args: argparse.Namespace):
     from onnxgen.server import ServerLimits
 
-    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
-                          max_queue=args.max_queue, max_batch_rows=args.max_batch_rows, timeout=args.timeout or None)
+    return ServerLimits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens_limit,
+        max_queue=args.max_queue,
+        max_batch_rows=args.max_batch_rows,
+        timeout=args.timeout or None,
+    )
+
+
+def _run_serve_ray(args: argparse.Namespace) -> int:
+    from onnxgen.ray.serve import serve_ray
+
+    limits = _server_limits(args)
     logging.getLogger("onnxgen.ray").setLevel(args.log_level.upper())  # where it serves, and when it stops
     serve_ray(args.model_dir, replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
               host=args.host, port=args.port, address=args.ray_address, device=args.device, limits=limits,
@@ -204,16 +214,9 @@ def _run_serve_ray(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     if args.ray or args.ray_address:
         return _run_serve_ray(args)
-    from onnxgen.server import ServerLimits, serve
+    from onnxgen.server import serve
 
-    limits = ServerLimits(
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens_limit,
-        max_queue=args.max_queue,
-        max_batch_rows=args.max_batch_rows,
-        timeout=args.timeout or None,
-    )
-    serve(args.model_dir, host=args.host, port=args.port, device=args.device, limits=limits,
+    serve(args.model_dir, host=args.host, port=args.port, device=args.device, limits=_server_limits(args),
           model_name=args.model_name, log_level=args.log_level)
     return 0
 
