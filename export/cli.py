@@ -13,6 +13,7 @@ from onnxgen.export.errors import ExportError
 
 _DEFAULT_ATOL = 1e-3  # the exporter's DEFAULT_ATOL; repeated here so --help does not import torch
 _DEFAULT_THRESHOLD_MIB = 2048
+_DEFAULT_MIN_AGREEMENT = 0.99  # the exporter's DEFAULT_MIN_AGREEMENT
 EXIT_ERROR = 2
 
 
@@ -36,6 +37,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         default="none",
         help="none: optimum's portable graphs (CPU and CUDA); fused: GPT-2 only, fused operators, last-position "
         "logits and a static key/value buffer, fastest on CPU",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="weights of the fused graph: fp32; fp16; int8 (dynamically quantized MatMuls, LM head included, "
+        "fastest on CPU). fp16/int8 need --optimize fused",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=_DEFAULT_MIN_AGREEMENT,
+        metavar="SHARE",
+        help="fp16/int8: share of positions of a fixed text where the graph's top token must be PyTorch's "
+        f"(default {_DEFAULT_MIN_AGREEMENT:g})",
     )
     parser.add_argument(
         "--external-data-threshold-mib",
@@ -62,6 +78,8 @@ def run_export(args: argparse.Namespace) -> int:
             atol=args.atol,
             external_data_threshold=int(args.external_data_threshold_mib * 2**20),
             optimize=args.optimize,
+            precision=args.precision,
+            min_agreement=args.min_agreement,
         )
     except ModuleNotFoundError as exc:
         print(
@@ -74,6 +92,11 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"onnxgen export: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     check = manifest.verification
-    verified = "not verified" if check.get("skipped") else f"verified, max abs diff {check['max_abs_diff']:.2g}"
+    if check.get("skipped"):
+        verified = "not verified"
+    elif "agreement" in check:
+        verified = f"{manifest.dtype}, top-1 agreement with PyTorch {check['agreement']:.2%}"
+    else:
+        verified = f"verified, max abs diff {check['max_abs_diff']:.2g}"
     print(f"exported {args.source} ({manifest.architecture}, {verified}) to {args.output_dir}")
     return 0

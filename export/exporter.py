@@ -7,13 +7,14 @@ tokenizer, move large weights to external data, verify against PyTorch, write th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ from onnxgen.export import onnx_files
 from onnxgen.export.checkpoint import Checkpoint, load_architecture, load_checkpoint
 from onnxgen.export.errors import ExportError
 from onnxgen.export.tokenizer import write_tokenizer
-from onnxgen.export.builders import GPT2_OPTIMIZATIONS, write_gpt2
-from onnxgen.export.builders.verify import verify_static_gpt2
+from onnxgen.export.builders import gpt2 as gpt2_builder
+from onnxgen.export.builders.verify import check_static_gpt2_agreement, verify_static_gpt2
 from onnxgen.export.verify import verify_export
 from onnxgen.manifest import MANIFEST_FILE, GraphSpec, Manifest, SpecialTokens
 
@@ -44,6 +45,8 @@ GRAPH_FILES = {
 # optimum also merges T5's two decoders into one graph with an If node; the runtime uses the separate pair.
 UNUSED_GRAPHS = ("decoder_model_merged.onnx",)
 OPTIMIZE_CHOICES = ("none", "fused")
+PRECISIONS = gpt2_builder.PRECISIONS  # fp32, fp16, int8
+DEFAULT_MIN_AGREEMENT = 0.99  # top-1 agreement with float32 that an fp16/int8 graph must reach
 PRODUCER_PACKAGES = ("onnxgen", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
 
@@ -57,6 +60,8 @@ def export_model(
     external_data_threshold: int = DEFAULT_EXTERNAL_DATA_THRESHOLD,
     progress: bool = True,
     optimize: str = "none",
+    precision: str = "fp32",
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
 ) -> Manifest:
     """Export a GPT-2 or T5 checkpoint (Hub id or local folder) into ``output_dir`` and return its manifest.
 
@@ -66,9 +71,18 @@ def export_model(
     progress: log each step at INFO (otherwise DEBUG).
     optimize: "none" — optimum's portable graphs (CPU and CUDA); "fused" — GPT-2 only, a graph built from the
         weights with onnxruntime's fused operators, last-position logits and a static key/value buffer (CPU).
+    precision: "fp32"; "fp16" or "int8" (with optimize="fused"): weights stored at that precision (int8:
+        dynamically quantized MatMuls, LM head included). Instead of the float32 tolerance, such a graph must
+        predict PyTorch's most likely next token at ``min_agreement`` of the positions of a fixed text.
     """
     if optimize not in OPTIMIZE_CHOICES:
         raise ExportError(f"optimize must be one of {', '.join(OPTIMIZE_CHOICES)}, got {optimize!r}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and optimize != "fused":
+        raise ExportError(f"precision={precision!r} needs optimize='fused' (optimum's graphs are exported in fp32)")
+    if not (isinstance(min_agreement, (int, float)) and 0 <= min_agreement <= 1):
+        raise ExportError(f"min_agreement must be a number in [0, 1], got {min_agreement!r}")
     if not (isinstance(atol, (int, float)) and math.isfinite(atol) and atol >= 0):
         raise ExportError(f"atol must be a finite number >= 0, got {atol!r}")
     if not (isinstance(external_data_threshold, int) and external_data_threshold >= 0):
@@ -81,37 +95,87 @@ def export_model(
     with _step("loading checkpoint", level):
         architecture = load_architecture(source)
         checkpoint = load_checkpoint(source, architecture)
-    fused = optimize == "fused"
-    if fused and architecture != "gpt2":
-        raise ExportError(f"optimize='fused' is available for GPT-2 only, not {architecture}; use optimize='none'")
+    builder = _fused_builder(architecture, precision) if optimize == "fused" else None
     _empty_output_dir(output)
-    with _step("building fused graph" if fused else "exporting with optimum", level):
-        if fused:
-            graphs = {"decoder": write_gpt2(checkpoint.model, output, external_data_threshold=external_data_threshold)}
+    with _step(f"building fused {precision} graphs" if builder else "exporting with optimum", level):
+        if builder:
+            graphs = builder.write(checkpoint.model, output, external_data_threshold, precision)
         else:
             _export_graphs(checkpoint, output)
         tokenizer_spec = write_tokenizer(checkpoint.tokenizer, output)
         _ensure_generation_config(checkpoint.model, output)
-    if not fused:
+    if not builder:
         graphs = _describe_graphs(output, architecture, external_data_threshold)
-    if verify:
-        check = verify_static_gpt2 if fused else verify_export
+    if not verify:
+        verification = {"skipped": True}
+    elif precision != "fp32":
+        with _step("checking top-1 agreement with PyTorch", level):
+            verification = builder.check_agreement(
+                checkpoint.model, checkpoint.tokenizer, output, graphs, float(min_agreement)
+            )
+        log.log(
+            level, "top-1 agreement %.4f over %d positions (min %.4f)",
+            verification["agreement"], verification["positions"], min_agreement,
+        )
+    else:
+        check = builder.verify if builder else verify_export
         with _step("verifying against PyTorch", level):
             verification = check(checkpoint.model, checkpoint.tokenizer, output, graphs, float(atol))
         log.log(level, "max abs difference %.3g (atol %.3g)", verification["max_abs_diff"], atol)
-    else:
-        verification = {"skipped": True}
     with _step("writing manifest", level):
-        optimizations = GPT2_OPTIMIZATIONS if fused else ()
-        manifest = _build_manifest(checkpoint, output, graphs, tokenizer_spec, verification, optimizations)
+        optimizations = builder.optimizations if builder else ()
+        manifest = _build_manifest(
+            checkpoint, output, graphs, tokenizer_spec, verification, optimizations, dtype=WEIGHT_DTYPES[precision]
+        )
         manifest.save(output)
     if verification.get("passed") is False:
+        kept = (
+            f"the files are kept in {str(output)!r} for inspection ({MANIFEST_FILE} records passed=false)"
+        )
+        if "agreement" in verification:
+            raise ExportError(
+                f"verification failed: the {precision} graph predicts PyTorch's most likely next token at "
+                f"{verification['agreement']:.2%} of {verification['positions']} positions, less than "
+                f"min_agreement={min_agreement:g}; {kept}; lower --min-agreement or pass --no-verify to accept them"
+            )
         raise ExportError(
             f"verification failed: ONNX logits differ from PyTorch by up to {verification['max_abs_diff']:.3g}, "
-            f"more than atol={atol:g}; the files are kept in {str(output)!r} for inspection "
-            f"({MANIFEST_FILE} records passed=false); raise --atol or pass --no-verify to accept them"
+            f"more than atol={atol:g}; {kept}; raise --atol or pass --no-verify to accept them"
         )
     return manifest
+
+
+WEIGHT_DTYPES = gpt2_builder.WEIGHT_DTYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class _FusedBuilder:
+    """How one architecture's graphs are built from the weights and checked."""
+
+    write: Callable[[Any, Path, int, str], dict[str, GraphSpec]]  # (model, output, threshold, precision)
+    verify: Callable[..., dict]  # float32: logits within atol of PyTorch
+    check_agreement: Callable[..., dict] | None  # fp16/int8: top-1 agreement with PyTorch
+    optimizations: tuple[str, ...]
+    precisions: tuple[str, ...]
+
+
+def _fused_builder(architecture: str, precision: str) -> _FusedBuilder:
+    if architecture == "gpt2":
+        def write(model: Any, output: Path, threshold: int, precision: str) -> dict[str, GraphSpec]:
+            spec = gpt2_builder.write_gpt2(model, output, external_data_threshold=threshold, precision=precision)
+            return {"decoder": spec}
+
+        builder = _FusedBuilder(
+            write, verify_static_gpt2, check_static_gpt2_agreement, gpt2_builder.OPTIMIZATIONS, PRECISIONS
+        )
+    else:
+        raise ExportError(f"optimize='fused' is available for GPT-2 only, not {architecture}; use optimize='none'")
+    if precision not in builder.precisions:
+        raise ExportError(
+            f"precision={precision!r} is not available for {architecture}'s fused graphs; "
+            f"available: {', '.join(builder.precisions)}"
+        )
+    return builder
 
 
 @contextlib.contextmanager
@@ -210,6 +274,7 @@ def _build_manifest(
     tokenizer_spec: Any,
     verification: dict,
     optimizations: tuple[str, ...] = (),
+    dtype: str = "float32",
 ) -> Manifest:
     config = checkpoint.model.config
     generation = json.loads((output / "generation_config.json").read_text(encoding="utf-8"))
@@ -240,7 +305,7 @@ def _build_manifest(
         ),
         tokenizer=tokenizer_spec,
         max_positions=max_positions,
-        dtype="float32",
+        dtype=dtype,
         generation_defaults={
             k: v for k, v in generation.items() if not k.startswith("_") and k != "transformers_version"
         },

@@ -17,8 +17,19 @@ projection, so the LM head (tied to the token embedding: one initializer, read t
 
 Inputs: input_ids (B, S) int64; position_ids (B, S) int64; seqlens_k (B,) int32 = tokens in the row after this
 call - 1; total_sequence_length () int32 = S for a prompt (every row starts empty), max(seqlens_k) + 1 for a step
-of one token; past_key_values.{i}.key/value (B, N, max_length, H) float32.
+of one token; past_key_values.{i}.key/value (B, N, max_length, H) of the graph's float type.
 Outputs: logits (B, V) float32; present.{i}.key/value, the same buffers.
+
+Precisions (:data:`PRECISIONS`):
+
+- ``fp32``: the checkpoint's weights as they are.
+- ``fp16``: every weight, activation and key/value buffer in float16; the logits are cast back to float32.
+- ``int8``: every MatMul, the LM head included, is a DynamicQuantizeMatMul: activations are quantized to uint8
+  per call, weights are stored as uint8 with a scale and zero point per output column. Unsigned weights because
+  AVX2 CPUs without VNNI multiply u8 x s8 with an instruction that saturates its int16 pair sums (onnxruntime's
+  quantization notes say so); per-column scales because one outlier column would otherwise coarsen every other.
+  The LM head needs the embedding transposed (V, D) -> (D, V) as its own quantized copy (a quarter of the fp32
+  size); the token lookup keeps the float embedding. Everything else (norms, attention, key/values) stays float32.
 
 onnxruntime's CPU GroupQueryAttention needs H to be a multiple of 8 (GPT-2 sizes have 64) and one token per row
 after the prompt; a prompt must start from empty rows (sequence length == total_sequence_length).
@@ -44,6 +55,9 @@ log = logging.getLogger(__name__)
 
 GRAPH_FILE = "decoder_fused.onnx"
 OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV)
+PRECISIONS = ("fp32", "fp16", "int8")
+# What the manifest's `dtype` records for each precision: the type the weights are stored in.
+WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 # Hugging Face activation names -> how the graph computes them. FastGelu is the tanh approximation
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); BiasGelu is the exact erf form.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -128,55 +142,117 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=np.float32)
 
 
-def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any]) -> Any:
-    """The onnx.ModelProto of the layout described in the module docstring."""
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+class _Writer:
+    """The graph under construction and how it stores weights at the chosen precision."""
+
+    def __init__(self, g: GraphBuilder, weights: Gpt2Weights, precision: str) -> None:
+        self.g, self.weights, self.precision = g, weights, precision
+        self.float_dtype = np.float16 if precision == "fp16" else np.float32
+        self.float_type = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+
+    def weight(self, name: str, array: np.ndarray | None = None) -> str:
+        """The initializer `name` (from the checkpoint unless `array` is given) in the graph's float type."""
+        array = self.weights[name] if array is None else array
+        return self.g.initializer(name, array.astype(self.float_dtype))
+
+    def linear(
+        self, x: str, name: str, bias: str | None = None, *, array: np.ndarray | None = None, output: str | None = None
+    ) -> str:
+        """x @ W (+ b) for the (in, out) weight `name`: a MatMul, or a DynamicQuantizeMatMul for int8."""
+        g = self.g
+        matrix = self.weights[name] if array is None else array
+        outputs = [output] if output else 1
+        if self.precision != "int8":
+            if bias is None:
+                return g.node("MatMul", [x, self.weight(name, matrix)], outputs)
+            return g.node("Add", [g.node("MatMul", [x, self.weight(name, matrix)]), self.weight(bias)], outputs)
+        quantized, scale, zero_point = quantize_columns(matrix)
+        inputs = [
+            x, g.initializer(name + ".quantized", quantized), g.initializer(name + ".scale", scale),
+            g.initializer(name + ".zero_point", zero_point),
+        ]
+        if bias is not None:
+            inputs.append(self.weight(bias))
+        return g.node("DynamicQuantizeMatMul", inputs, outputs, domain=MS_DOMAIN)
+
+
+def quantize_columns(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 quantization of a (K, N) matrix with one scale and zero point per column.
+
+    Each column's range is widened to include 0 so that 0 is represented exactly (as onnxruntime's quantizer
+    does); matrix ~= (quantized - zero_point) * scale.
+    """
+    low = np.minimum(matrix.min(axis=0), 0.0).astype(np.float64)
+    high = np.maximum(matrix.max(axis=0), 0.0).astype(np.float64)
+    scale = (high - low) / 255.0
+    scale[scale == 0] = 1.0  # an all-zero column: any scale represents it
+    zero_point = np.clip(np.round(-low / scale), 0, 255)
+    quantized = np.clip(np.round(matrix / scale) + zero_point, 0, 255)
+    return quantized.astype(np.uint8), scale.astype(np.float32), zero_point.astype(np.uint8)
+
+
+def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any], precision: str = "fp32") -> Any:
+    """The onnx.ModelProto of the layout described in the module docstring, at `precision` (see PRECISIONS)."""
+    check_precision(precision)
     dims = Gpt2Dims.from_config(config)
     weights = Gpt2Weights(state_dict)
     g = GraphBuilder("gpt2_fused_static_kv")
+    w = _Writer(g, weights, precision)
     buffer = ["batch", dims.num_heads, "max_length", dims.head_size]
     input_ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
     position_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
     seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch"])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
     g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])  # first, as optimum's graph has it
-    wte = g.initializer("wte.weight", weights.wte)
+    wte = w.weight("wte.weight", weights.wte)
     tokens = g.node("Gather", [wte, input_ids])
-    positions = g.node("Gather", [g.initializer("wpe.weight", weights["wpe.weight"]), position_ids])
+    positions = g.node("Gather", [w.weight("wpe.weight"), position_ids])
     x, residual = tokens, positions  # (B, S, D); the first SkipLayerNormalization adds them
     bias = ""  # what the previous sublayer's output still lacks (its projection's bias)
     for i in range(dims.num_layers):
         p = f"h.{i}."
-        normed, residual = _skip_norm(g, weights, x, residual, bias, p + "ln_1", dims.epsilon)
-        qkv = g.node("MatMul", [normed, g.initializer(p + "attn.c_attn.weight", weights[p + "attn.c_attn.weight"])])
-        qkv = g.node("Add", [qkv, g.initializer(p + "attn.c_attn.bias", weights[p + "attn.c_attn.bias"])])
-        pasts = [g.input(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, buffer) for kv in ("key", "value")]
-        presents = [g.output(f"present.{i}.{kv}", TensorProto.FLOAT, buffer) for kv in ("key", "value")]
+        normed, residual = _skip_norm(w, x, residual, bias, p + "ln_1", dims.epsilon)
+        qkv = w.linear(normed, p + "attn.c_attn.weight", p + "attn.c_attn.bias")
+        pasts = [g.input(f"past_key_values.{i}.{kv}", w.float_type, buffer) for kv in ("key", "value")]
+        presents = [g.output(f"present.{i}.{kv}", w.float_type, buffer) for kv in ("key", "value")]
         attention = g.node(
             "GroupQueryAttention", [qkv, "", "", *pasts, seqlens_k, total], [f"attention.{i}", *presents],
             domain=MS_DOMAIN, num_heads=dims.num_heads, kv_num_heads=dims.num_heads,
             scale=dims.attention_scales[i],
         )[0]
-        x = g.node("MatMul", [attention, g.initializer(p + "attn.c_proj.weight", weights[p + "attn.c_proj.weight"])])
-        normed, residual = _skip_norm(g, weights, x, residual, p + "attn.c_proj.bias", p + "ln_2", dims.epsilon)
-        x = g.node("MatMul", [normed, g.initializer(p + "mlp.c_fc.weight", weights[p + "mlp.c_fc.weight"])])
-        x = _activation(g, dims.activation, x, g.initializer(p + "mlp.c_fc.bias", weights[p + "mlp.c_fc.bias"]))
-        x = g.node("MatMul", [x, g.initializer(p + "mlp.c_proj.weight", weights[p + "mlp.c_proj.weight"])])
+        x = w.linear(attention, p + "attn.c_proj.weight")
+        normed, residual = _skip_norm(w, x, residual, p + "attn.c_proj.bias", p + "ln_2", dims.epsilon)
+        x = w.linear(normed, p + "mlp.c_fc.weight")
+        x = _activation(g, dims.activation, x, w.weight(p + "mlp.c_fc.bias"))
+        x = w.linear(x, p + "mlp.c_proj.weight")
         bias = p + "mlp.c_proj.bias"
-    hidden, _ = _skip_norm(g, weights, x, residual, bias, "ln_f", dims.epsilon, last=True)
+    hidden, _ = _skip_norm(w, x, residual, bias, "ln_f", dims.epsilon, last=True)
     last = g.node("GatherND", [hidden, _last_positions(g, input_ids, seqlens_k)], batch_dims=1)  # (B, D)
-    head = wte if weights.lm_head is None else g.initializer("lm_head.weight", weights.lm_head)
-    g.node("Gemm", [last, head], ["logits"], transB=1)  # (B, D) x (V, D)^T: the tied matrix is not copied
+    if precision == "int8":
+        head = weights.wte if weights.lm_head is None else weights.lm_head
+        # (D, V) quantized per vocab row
+        w.linear(last, "lm_head.weight_t", array=np.ascontiguousarray(head.T), output="logits")
+    else:
+        head = wte if weights.lm_head is None else w.weight("lm_head.weight", weights.lm_head)
+        # (B, D) x (V, D)^T: the tied matrix is read transposed, not copied
+        logits = g.node("Gemm", [last, head], 1 if precision == "fp16" else ["logits"], transB=1)
+        if precision == "fp16":
+            g.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
     return g.model(producer="onnxgen.export.builders.gpt2")
 
 
-def _skip_norm(g, weights, x, residual, bias, norm, epsilon, last=False):
+def _skip_norm(w, x, residual, bias, norm, epsilon, last=False):
     """LayerNorm(x + residual + bias) and, unless `last`, the new residual x + residual + bias."""
-    inputs = [x, residual, g.initializer(norm + ".weight", weights[norm + ".weight"])]
-    inputs.append(g.initializer(norm + ".bias", weights[norm + ".bias"]))
+    inputs = [x, residual, w.weight(norm + ".weight"), w.weight(norm + ".bias")]
     if bias:
-        inputs.append(g.initializer(bias, weights[bias]))
+        inputs.append(w.weight(bias))
     outputs = 1 if last else [f"{norm}/out", "", "", f"{norm}/residual"]
-    result = g.node("SkipLayerNormalization", inputs, outputs, domain=MS_DOMAIN, epsilon=epsilon)
+    result = w.g.node("SkipLayerNormalization", inputs, outputs, domain=MS_DOMAIN, epsilon=epsilon)
     return (result, None) if last else (result[0], result[3])
 
 
@@ -198,14 +274,20 @@ def _last_positions(g, input_ids, seqlens_k):
 
 
 def write_gpt2(
-    model: Any, output_dir: str | Path, *, file: str = GRAPH_FILE, external_data_threshold: int = 2 * 1024**3
+    model: Any,
+    output_dir: str | Path,
+    *,
+    file: str = GRAPH_FILE,
+    external_data_threshold: int = 2 * 1024**3,
+    precision: str = "fp32",
 ) -> GraphSpec:
     """Build the graph of a GPT2LMHeadModel into ``output_dir/file``; return its spec for the manifest.
 
-    The manifest that names this graph must list :data:`OPTIMIZATIONS` so the runtime binds its layout.
+    The manifest that names this graph must list :data:`OPTIMIZATIONS` so the runtime binds its layout, and
+    record ``WEIGHT_DTYPES[precision]`` as its dtype.
     """
     path = Path(output_dir) / file
-    onnx_model = build_gpt2_graph(model.config, model.state_dict())
+    onnx_model = build_gpt2_graph(model.config, model.state_dict(), precision)
     save_model(onnx_model, path, external_data_threshold)
     graph = onnx_model.graph
     return GraphSpec(file=file, inputs=tuple(i.name for i in graph.input), outputs=tuple(o.name for o in graph.output))

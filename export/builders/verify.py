@@ -1,8 +1,13 @@
 """Check a static-layout GPT-2 graph against the PyTorch model it was built from.
 
-The graph is driven as the runtime drives it: a right-padded batch of two prompts of different lengths (the
-verification prompt and its first half) into fixed buffers shared between past and present, then a few one-token
-steps. PyTorch runs each row's final sequence once, without a cache. Same record as `verify.verify_export`.
+`verify_static_gpt2` (float32 graphs): the graph is driven as the runtime drives it: a right-padded batch of two
+prompts of different lengths (the verification prompt and its first half) into fixed buffers shared between past
+and present, then a few one-token steps. PyTorch runs each row's final sequence once, without a cache. Same record
+as `verify.verify_export`.
+
+`check_static_gpt2_agreement` (int8 and fp16 graphs, whose logits cannot match to a float32 tolerance): the share
+of positions of a fixed text where the graph's most likely next token is PyTorch's, teacher-forced one token at a
+time through the key/value buffers.
 """
 
 from __future__ import annotations
@@ -64,6 +69,60 @@ def verify_static_gpt2(model: Any, tokenizer: Any, directory: Path, graphs: dict
         "steps_with_past": STEPS_WITH_PAST,
         "rows": [len(p) for p in prompts],
         "diffs": diffs,
+    }
+
+
+AGREEMENT_SAMPLE = (
+    "The old lighthouse keeper climbed the stairs every evening, counting the steps as his father had taught him. "
+    "From the top he could see the harbour, the fishing boats coming home, and the long road that led inland to "
+    "the market town. Nobody remembered when the lamp had last failed, but he checked the wick and the oil twice "
+    "a night all the same, because the one night he did not would be the night it mattered."
+)
+AGREEMENT_POSITIONS = 128  # at most; fewer when the tokenizer makes fewer tokens of the sample
+
+
+def check_static_gpt2_agreement(
+    model: Any, tokenizer: Any, directory: Path, graphs: dict[str, GraphSpec], min_agreement: float
+) -> dict:
+    """Top-1 agreement of a reduced-precision graph with the float32 PyTorch model over AGREEMENT_SAMPLE."""
+    import torch
+
+    ids = [int(i) for i in tokenizer(AGREEMENT_SAMPLE)["input_ids"]]
+    limit = min(AGREEMENT_POSITIONS, model.config.n_positions) + 1
+    ids = ids[:limit]
+    if len(ids) < 2:
+        raise ExportError("the tokenizer turns the agreement sample into fewer than 2 tokens")
+    with torch.no_grad():
+        reference = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float().numpy()  # (n-1, V)
+    session = _session(Path(directory) / graphs["decoder"].file)
+    import onnxruntime as ort
+
+    config = model.config
+    past = {i.name: i.type for i in session.get_inputs()}["past_key_values.0.key"]
+    dtype = np.float16 if past == "tensor(float16)" else np.float32
+    shape = (config.n_layer, 2, 1, config.n_head, len(ids), config.n_embd // config.n_head)
+    buffers = np.zeros(shape, dtype=dtype)
+    values = [ort.OrtValue.ortvalue_from_numpy(buffers[i, k]) for i in range(config.n_layer) for k in range(2)]
+    got = [_run(session, values, np.array([ids[:1]]), np.zeros((1, 1), np.int64), np.zeros(1, np.int64), 1)[0]]
+    for position in range(1, len(ids) - 1):
+        token, where = np.array([[ids[position]]]), np.array([[position]])
+        got.append(_run(session, values, token, where, np.array([position]), position + 1)[0])
+    got = np.stack(got)
+    agree = got.argmax(axis=-1) == reference.argmax(axis=-1)
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]  # how far PyTorch's best token is ahead of its second
+    agreement = float(agree.mean())
+    return {
+        "check": "top1-agreement",
+        "passed": bool(agreement >= min_agreement),
+        "agreement": agreement,
+        "min_agreement": min_agreement,
+        "positions": int(agree.size),
+        # Disagreements at near-ties are expected; a large margin here would mean a real error.
+        "largest_margin_disagreeing": float(margins[~agree].max()) if not agree.all() else 0.0,
+        "median_margin": float(np.median(margins)),
+        "max_abs_diff": _max_diff(got, reference),
+        "sample": "onnxgen.export.builders.verify.AGREEMENT_SAMPLE",
     }
 
 

@@ -40,6 +40,9 @@ class StaticDecoderModel(Gpt2Session):
         self.ort = import_onnxruntime()
         layers = range(self.num_layers)  # (past input, present output) per layer, key then value
         self.buffer_names = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in layers for kv in ("key", "value")]
+        # float32, or float16 for a graph built at fp16 precision (int8 graphs keep float32 keys/values).
+        past = {i.name: i.type for i in self.session.get_inputs()}[self.buffer_names[0][0]]
+        self.kv_dtype = np.dtype(np.float16 if past == "tensor(float16)" else np.float32)
 
     def prefill(self, prompts: list[list[int]]) -> Prefill:
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
@@ -69,8 +72,8 @@ class StaticDecoderModel(Gpt2Session):
             )
 
     def new_buffer(self, rows: int, capacity: int) -> np.ndarray:
-        """(layers, 2, rows, heads, capacity, head_size) float32 zeros (calloc: pages are touched when written)."""
-        return np.zeros((self.num_layers, 2, rows, self.num_heads, capacity, self.head_size), dtype=np.float32)
+        """(layers, 2, rows, heads, capacity, head_size) zeros (calloc: pages are touched when written)."""
+        return np.zeros((self.num_layers, 2, rows, self.num_heads, capacity, self.head_size), dtype=self.kv_dtype)
 
 
 @dataclass
