@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per engine; the median is reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                   help="weights of every engine in this run (default fp32); engines without it are listed as such")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="intra-op threads for every engine (default: all %(default)s cores)")
     p.add_argument("--cooldown", type=float, default=0.5,
@@ -152,8 +154,9 @@ class Worker:
     """One engine process; `ask` sends a command and waits for its reply."""
 
     def __init__(self, engine: str, model: str, args, log_path: Path):
+        artifact = ENGINES[engine].artifact_for(args.precision)
         spec = dict(engine=engine, model=model, family=models.family(model), device=args.device,
-                    threads=args.threads, model_dir=str(models.path(model, ENGINES[engine].artifact)))
+                    threads=args.threads, precision=args.precision, model_dir=str(models.path(model, artifact)))
         self.engine, self.log_path = engine, log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(HERE / "worker.py"), json.dumps(spec)],
@@ -320,7 +323,7 @@ def run_all(args, env: dict, done: dict, notes: dict) -> None:
     """Run every requested cell not yet in `done`, appending each finished engine's record to the results file."""
     log_dir = models.CACHE_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    base = dict(device=args.device, precision="fp32", prompt_tokens=args.prompt_tokens,
+    base = dict(device=args.device, precision=args.precision, prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats)
     for model in args.models:
         for mode in args.modes:
@@ -328,9 +331,9 @@ def run_all(args, env: dict, done: dict, notes: dict) -> None:
                 todo = []
                 for e in args.engines:
                     key = cell_key(dict(base, model=model, engine=e, mode=mode, batch=batch))
-                    why = ENGINES[e]().unsupported(models.family(model), mode, args.device)
+                    why = ENGINES[e]().unsupported(models.family(model), mode, args.device, args.precision)
                     if why is None and (key not in done or args.force):
-                        why = ensure_artifact(model, ENGINES[e].artifact, log_dir)
+                        why = ensure_artifact(model, ENGINES[e].artifact_for(args.precision), log_dir)
                         if why is None:
                             todo.append(e)
                             continue
@@ -349,7 +352,7 @@ def run_all(args, env: dict, done: dict, notes: dict) -> None:
                         continue
                     rec.update(res, when=time.strftime("%Y-%m-%d %H:%M:%S"), run_id=env["run_id"],
                                command=env["command"], hardware=env["hardware"],
-                               artifact=models.fingerprint(ENGINES[e].artifact))
+                               artifact=models.fingerprint(ENGINES[e].artifact_for(args.precision)))
                     append_result(args.results, rec)
                     done[cell_key(rec)] = rec
                     print(f"  {e}: prompt {res['prompt_ms']:.1f} ms, decode {res['decode_ms']:.2f} ms/token, "
@@ -370,7 +373,7 @@ def main(argv=None) -> None:
     text = report.render(done, notes, args, env)
     print(text)
     if args.write_md:
-        args.write_md.write_text(report.markdown_document(text, args, env, done))
+        report.write_section(args.write_md, report.markdown_document(text, args, env, done), args)
         print(f"wrote {args.write_md}")
 
 

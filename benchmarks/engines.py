@@ -3,6 +3,7 @@
 Every adapter has the same four steps, run by worker.py in a process of its own:
 
     engine.import_modules()                      # timed: the import cost a user pays
+    engine.precision = "fp32" | "int8" | "fp16"   # one of engine.precisions; the folder is artifact_for(precision)
     engine.load(model_dir, model, device, threads)
     engine.generate(prompts, new_tokens, mode, seed) -> new ids per sequence   # timed, many times
     engine.versions()
@@ -27,14 +28,26 @@ TOP_K = 50
 
 class Engine:
     name = ""
-    artifact = ""  # folder of benchmarks/.cache/<model>/ it loads
+    artifact = ""  # folder of benchmarks/.cache/<model>/ it loads (fp32)
     families = ("gpt2", "t5")
+    precisions = ("fp32",)
+    precision = "fp32"
 
-    def unsupported(self, family: str, mode: str, device: str) -> str | None:
+    def unsupported(self, family: str, mode: str, device: str, precision: str = "fp32") -> str | None:
         """Why this engine cannot run the cell, or None."""
+        if family == "t5" and precision != "fp32" and self.name in ("onnxgen", "optimum"):
+            return f"{self.name}: T5 is measured at fp32 only"
         if family not in self.families:
             return f"{self.name} has no {family} support"
+        if precision not in self.precisions:
+            return f"{self.name} is measured at {', '.join(self.precisions)} only"
         return None
+
+    @classmethod
+    def artifact_for(cls, precision: str) -> str:
+        """The folder holding the model at `precision`: `artifact`, or `artifact-<precision>` where the
+        weights themselves differ (an engine that quantizes at load time keeps one folder)."""
+        return cls.artifact if precision == "fp32" else f"{cls.artifact}-{precision}"
 
     def import_modules(self) -> None:
         raise NotImplementedError
@@ -110,6 +123,7 @@ class Transformers(_TorchGenerate):
 class Optimum(_TorchGenerate):
     name = "optimum"
     artifact = "optimum"
+    precisions = ("fp32", "int8")  # int8: onnxruntime's optimizer + dynamic quantization of its export
 
     def import_modules(self):
         import torch
@@ -149,6 +163,11 @@ class Optimum(_TorchGenerate):
 class CTranslate2(Engine):
     name = "ctranslate2"
     artifact = "ct2"
+    precisions = ("fp32", "int8")  # int8: quantized when the converted model is loaded
+
+    @classmethod
+    def artifact_for(cls, precision: str) -> str:
+        return cls.artifact
 
     def import_modules(self):
         import ctranslate2
@@ -157,7 +176,8 @@ class CTranslate2(Engine):
     def load(self, model_dir, family, device, threads):
         ct2 = self.ct2
         self.family, self.threads = family, threads
-        kw = dict(device=device, compute_type="float32", intra_threads=threads, inter_threads=1)
+        self.compute_type = {"fp32": "float32", "int8": "int8"}[self.precision]
+        kw = dict(device=device, compute_type=self.compute_type, intra_threads=threads, inter_threads=1)
         if family == "gpt2":
             self.model = ct2.Generator(model_dir, **kw)
             vocab_file = "vocabulary.json"
@@ -188,7 +208,7 @@ class CTranslate2(Engine):
         return {"ctranslate2": self.ct2.__version__}
 
     def settings(self):
-        return {"intra_threads": self.threads, "compute_type": "float32"}
+        return {"intra_threads": self.threads, "compute_type": self.compute_type}
 
 
 # ---------------------------------------------------------------------------------------------- onnxruntime-genai
@@ -197,6 +217,7 @@ class Genai(Engine):
     name = "genai"
     artifact = "genai"
     families = ("gpt2",)
+    precisions = ("fp32", "int8")  # int8: the graph Optimum's int8 row runs, through genai's generic decoder
 
     def import_modules(self):
         import numpy
@@ -245,6 +266,7 @@ class Onnxgen(Engine):
 
     name = "onnxgen"
     artifact = "onnxgen"
+    precisions = ("fp32", "int8", "fp16")
     _THREAD_ARGS = ("intra_op_threads", "intra_op_num_threads", "num_threads", "threads")
 
     def import_modules(self):

@@ -95,7 +95,7 @@ def cell_key(rec: dict) -> tuple:
 
 def render(done: dict, notes: dict, args, env: dict) -> str:
     """Two markdown tables: every engine's numbers per cell, then decode ms/token side by side with ratios."""
-    base = dict(device=args.device, precision="fp32", prompt_tokens=args.prompt_tokens,
+    base = dict(device=args.device, precision=args.precision, prompt_tokens=args.prompt_tokens,
                 new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats)
     engines = [e for e in ENGINE_ORDER if e in args.engines]
     rows = []  # (model, mode, batch, {engine: record or note string})
@@ -107,8 +107,8 @@ def render(done: dict, notes: dict, args, env: dict) -> str:
                 found[e] = done[key]
             elif key in notes and e in engines:
                 found[e] = notes[key]
-            elif e in engines and ENGINES[e]().unsupported(family(model), mode, args.device):
-                found[e] = ENGINES[e]().unsupported(family(model), mode, args.device)
+            elif e in engines and ENGINES[e]().unsupported(family(model), mode, args.device, args.precision):
+                found[e] = ENGINES[e]().unsupported(family(model), mode, args.device, args.precision)
         ran = any(cell_key(dict(base, model=model, engine=e, mode=mode, batch=batch)) in notes for e in engines)
         if ran or any(isinstance(r, dict) for r in found.values()):  # skip cells that were never asked for
             rows.append((model, mode, batch, found))
@@ -171,10 +171,15 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def section_name(args) -> str:
+    return f"{args.device} {args.precision}"
+
+
 def markdown_document(tables: str, args, env: dict, done: dict) -> str:
-    """RESULTS.md: the commands that produced the shown rows, hardware, versions, then the tables."""
+    """One section of RESULTS.md (a device and precision): commands of the shown rows, hardware, versions, tables."""
     shown = [r for r in done.values()
-             if r["device"] == args.device and r["model"] in args.models and r["engine"] in args.engines
+             if r["device"] == args.device and r.get("precision", "fp32") == args.precision
+             and r["model"] in args.models and r["engine"] in args.engines
              and r["mode"] in args.modes and r["batch"] in args.batch and r["new_tokens"] == args.new_tokens
              and r["prompt_tokens"] == args.prompt_tokens and r["repeats"] == args.repeats
              and r["threads"] == args.threads]
@@ -184,23 +189,23 @@ def markdown_document(tables: str, args, env: dict, done: dict) -> str:
     sources_md = "\n".join(f"- run {run}: runtime source {rt}, {art}" for run, rt, art in sources) or "- none"
     cmds = "\n".join(f"{cmd}    # run {run}" for run, cmd in runs) + f"\n{command_line()}    # this report"
     versions = "\n".join(f"| {k} | {v} |" for k, v in env["versions"].items())
-    return f"""# onnxgen benchmark results
+    name = section_name(args)
+    return f"""{_BEGIN.format(name=name)}
+## {args.device.upper()}, {args.precision} weights
 
-Produced by `benchmarks/bench.py` (see `benchmarks/README.md` for what each column means).
-
-## Command
+### Command
 
 ```
 {cmds}
 ```
 
-## Setup
+### Setup
 
 - Hardware: {env['hardware']} (kernel {env['kernel']})
 - Device: {args.device}; {args.threads} intra-op threads for every engine (OMP/MKL env pinned too)
 - Prompt {args.prompt_tokens} tokens (fixed random ids), exactly {args.new_tokens} new tokens (EOS suppressed by a
   minimum length), median of {args.repeats} runs, engines interleaved per run, each engine in its own process
-- Models: random weights (torch.manual_seed(0)) of the real configs, fp32
+- Models: random weights (torch.manual_seed(0)) of the real configs, {args.precision}
 - Repository commit when this report was written: {env['commit']}; onnxgen code each run measured (hashes of the
   runtime package's and the exporter's sources):
 
@@ -210,7 +215,31 @@ Produced by `benchmarks/bench.py` (see `benchmarks/README.md` for what each colu
 |---|---|
 {versions}
 
-## Results
+### Results
 
 {tables}
+{_END.format(name=name)}
 """
+
+
+_BEGIN = "<!-- bench.py section {name}: written by `bench.py --write-md`; edits inside are overwritten -->"
+_END = "<!-- end of bench.py section {name} -->"
+_TITLE = "# onnxgen benchmark results\n\nProduced by `benchmarks/bench.py` (see `benchmarks/README.md`).\n"
+
+
+def write_section(path, section: str, args) -> None:
+    """Put `section` into the markdown file at `path`, replacing the same device/precision section if present;
+    everything outside the generated sections (hand-written notes) is kept."""
+    from pathlib import Path
+
+    path = Path(path)
+    name = section_name(args)
+    begin, end = _BEGIN.format(name=name), _END.format(name=name)
+    text = path.read_text() if path.exists() else _TITLE
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)

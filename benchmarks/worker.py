@@ -3,7 +3,8 @@
 A fresh process per (engine, model, cell) makes import time and peak memory clean: the import is timed before
 anything else loads, and the peak resident set (VmHWM) covers exactly this engine's import, load and runs.
 
-    python worker.py '{"engine": "ctranslate2", "model": "gpt2", "model_dir": "...", "device": "cpu", "threads": 2}'
+    python worker.py '{"engine": "ctranslate2", "model": "gpt2", "model_dir": "...", "device": "cpu", "threads": 2,
+                       "precision": "fp32"}'
 
 Replies, in order: {"ready": true, "import_s", "load_s", "rss_mb", "versions", "settings"} or {"error": ...};
 then one reply per command:
@@ -54,6 +55,7 @@ def main() -> None:
     from engines import ENGINES  # standard library only
 
     engine = ENGINES[spec["engine"]]()
+    engine.precision = spec.get("precision", "fp32")
     try:
         t0 = time.perf_counter()
         engine.import_modules()
