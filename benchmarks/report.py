@@ -117,7 +117,7 @@ def render(done: dict, notes: dict, args, env: dict) -> str:
 
 
 def _detail_table(rows, engines, bl) -> list[str]:
-    lines = [f"### Every engine (ms; ratios: engine time / {bl} time, > 1 means {bl} is faster)", "",
+    lines = [f"#### Every engine (ms; ratios: engine time / {bl} time, > 1 means {bl} is faster)", "",
              "| model | mode | batch | engine | prompt ms | decode ms/token | tokens/s | peak RSS MB | import s "
              f"| load s | prompt ÷ {bl} | decode ÷ {bl} | same ids as transformers | others' CPU % |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
@@ -146,7 +146,7 @@ def _detail_table(rows, engines, bl) -> list[str]:
 
 def _side_table(rows, engines, bl) -> list[str]:
     peers = [e for e in engines if e != bl]
-    lines = [f"### Decode ms/token side by side (per step for batch > 1), and {bl}'s speed-up over each peer", "",
+    lines = [f"#### Decode ms/token side by side (per step for batch > 1), and {bl}'s speed-up over each peer", "",
              "| model | mode | batch | " + " | ".join(engines) + " | " + " | ".join(f"{bl} vs {p}" for p in peers)
              + " |", "|---|---|---:|" + "---:|" * (len(engines) + len(peers))]
     mixed = False
