@@ -35,15 +35,15 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--optimize",
         choices=("none", "fused"),
         default="none",
-        help="none: optimum's portable graphs (CPU and CUDA); fused: GPT-2 only, fused operators, last-position "
-        "logits and a static key/value buffer, fastest on CPU",
+        help="none: optimum's portable graphs (CPU and CUDA); fused: graphs built from the weights with fused "
+        "operators, last-position logits and a static key/value buffer, fastest on CPU (CPU only)",
     )
     parser.add_argument(
         "--precision",
         choices=("fp32", "fp16", "int8"),
         default="fp32",
         help="weights of the fused graph: fp32; fp16; int8 (dynamically quantized MatMuls, LM head included, "
-        "fastest on CPU). fp16/int8 need --optimize fused",
+        "fastest on CPU). fp16/int8 need --optimize fused, and GPT-2 (T5's fused graphs are fp32)",
     )
     parser.add_argument(
         "--min-agreement",

@@ -69,8 +69,8 @@ def export_model(
     verify, atol: compare ONNX Runtime with PyTorch on a sample prompt; raise past ``atol`` (max abs logit diff).
     external_data_threshold: bytes of weights above which a graph keeps them in ``<graph>.onnx.data``.
     progress: log each step at INFO (otherwise DEBUG).
-    optimize: "none" — optimum's portable graphs (CPU and CUDA); "fused" — GPT-2 only, a graph built from the
-        weights with onnxruntime's fused operators, last-position logits and a static key/value buffer (CPU).
+    optimize: "none" — optimum's portable graphs (CPU and CUDA); "fused" — graphs built from the weights with
+        onnxruntime's fused operators, last-position logits and a static key/value buffer (CPU).
     precision: "fp32"; "fp16" or "int8" (with optimize="fused"): weights stored at that precision (int8:
         dynamically quantized MatMuls, LM head included). Instead of the float32 tolerance, such a graph must
         predict PyTorch's most likely next token at ``min_agreement`` of the positions of a fixed text.
@@ -168,8 +168,16 @@ def _fused_builder(architecture: str, precision: str) -> _FusedBuilder:
         builder = _FusedBuilder(
             write, verify_static_gpt2, check_static_gpt2_agreement, gpt2_builder.OPTIMIZATIONS, PRECISIONS
         )
+    elif architecture == "t5":
+        from onnxgen.export.builders import t5 as t5_builder
+        from onnxgen.export.builders.verify_t5 import verify_static_t5
+
+        def write(model: Any, output: Path, threshold: int, precision: str) -> dict[str, GraphSpec]:
+            return t5_builder.write_t5(model, output, external_data_threshold=threshold)
+
+        builder = _FusedBuilder(write, verify_static_t5, None, t5_builder.OPTIMIZATIONS, ("fp32",))
     else:
-        raise ExportError(f"optimize='fused' is available for GPT-2 only, not {architecture}; use optimize='none'")
+        raise ExportError(f"optimize='fused' is not available for {architecture}; use optimize='none'")
     if precision not in builder.precisions:
         raise ExportError(
             f"precision={precision!r} is not available for {architecture}'s fused graphs; "

@@ -18,9 +18,10 @@ FORMAT_NAME = "onnxgen"
 FORMAT_VERSION = 1
 SUPPORTED_ARCHITECTURES = ("gpt2", "t5")
 
-# `Manifest.optimizations` entries. STATIC_KV also names a graph layout: GPT-2's decoder built by
-# onnxgen.export.builders (GroupQueryAttention over a key/value buffer shared between past and present, fed by
-# per-row lengths instead of an attention mask, returning only the last position's logits).
+# `Manifest.optimizations` entries. STATIC_KV also names a graph layout: GPT-2's decoder or T5's encoder and
+# decoder built by onnxgen.export.builders (GroupQueryAttention over a key/value buffer shared between past and
+# present, fed by per-row lengths instead of an attention mask, returning only the last position's logits; T5's
+# encoder graph also writes the cross-attention keys/values, and its decoder graph runs the start token too).
 FUSED_GQA = "fused-gqa"  # SkipLayerNormalization, FastGelu, packed QKV into GroupQueryAttention
 LAST_LOGITS = "last-logits"  # logits (batch, vocab) of each row's last valid position only
 STATIC_KV = "static-kv"  # past_key_values.* (batch, heads, max_length, head_size) are written in place
@@ -63,7 +64,8 @@ class TokenizerSpec:
 @dataclass(frozen=True)
 class Manifest:
     architecture: str  # "gpt2" (decoder-only) or "t5" (encoder-decoder)
-    graphs: dict[str, GraphSpec]  # gpt2: {"decoder"}; t5: {"encoder", "decoder", "decoder_with_past"}
+    # gpt2: {"decoder"}; t5: {"encoder", "decoder", "decoder_with_past"}, or {"encoder", "decoder"} with STATIC_KV
+    graphs: dict[str, GraphSpec]
     num_layers: int
     num_heads: int
     head_size: int
@@ -145,8 +147,11 @@ class Manifest:
             raise ManifestError(f"{MANIFEST_FILE}: malformed field: {exc}") from None
 
 
-def required_graphs(architecture: str) -> tuple[str, ...]:
-    return ("decoder",) if architecture == "gpt2" else ("encoder", "decoder", "decoder_with_past")
+def required_graphs(architecture: str, static_kv: bool = False) -> tuple[str, ...]:
+    if architecture == "gpt2":
+        return ("decoder",)
+    # T5's static layout has no separate first-step graph: the decoder graph runs the start token too.
+    return ("encoder", "decoder") if static_kv else ("encoder", "decoder", "decoder_with_past")
 
 
 def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
@@ -163,6 +168,12 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
     cross_past = {f"past_key_values.{i}.encoder.{kv}" for i in range(n) for kv in ("key", "value")}
     self_present = {f"present.{i}.decoder.{kv}" for i in range(n) for kv in ("key", "value")}
     cross_present = {f"present.{i}.encoder.{kv}" for i in range(n) for kv in ("key", "value")}
+    if manifest.has_static_kv:  # the encoder graph projects the cross-attention keys/values itself
+        lengths = {"input_ids", "encoder_attention_mask", "seqlens_k", "total_sequence_length"}
+        return {
+            "encoder": ({"input_ids", "attention_mask"}, cross_present),
+            "decoder": (lengths | self_past | cross_past, {"logits"} | self_present),
+        }
     return {
         "encoder": ({"input_ids", "attention_mask"}, {"last_hidden_state"}),
         "decoder": (
@@ -214,7 +225,7 @@ def load_manifest(directory: str | Path) -> Manifest:
             f"{str(directory)!r} holds neither {MANIFEST_FILE} nor config.json; "
             "export a model first with `onnxgen export SOURCE OUTPUT_DIR`"
         )
-    for name in required_graphs(manifest.architecture):
+    for name in required_graphs(manifest.architecture, manifest.has_static_kv):
         if name not in manifest.graphs:
             raise ManifestError(f"{MANIFEST_FILE}: the {manifest.architecture} layout needs a {name!r} graph")
         if not (directory / manifest.graphs[name].file).exists():

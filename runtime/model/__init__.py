@@ -12,10 +12,14 @@ from .session import resolve_device
 def load_model(manifest: Manifest, directory: str | Path, device: str = "auto", intra_op_threads: int | None = None):
     """Open the graphs a manifest names on `device` ("auto", "cpu" or "cuda")."""
     if manifest.has_static_kv:
-        from .static_decoder import StaticDecoderModel
-
         # The static layout runs on CPU only, so "auto" picks the CPU even where CUDA is available.
         device = "cpu" if device == "auto" else resolve_device(device)
+        if manifest.is_encoder_decoder:
+            from .static_encoder_decoder import StaticEncoderDecoderModel
+
+            return StaticEncoderDecoderModel(manifest, Path(directory), device, intra_op_threads)
+        from .static_decoder import StaticDecoderModel
+
         return StaticDecoderModel(manifest, Path(directory), device, intra_op_threads)
     device = resolve_device(device)
     directory = Path(directory)
