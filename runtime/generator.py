@@ -79,9 +79,14 @@ class _Cohort:
         self.rows.update(other.rows)
 
     def step(self, eos_ids: np.ndarray, events_of) -> list[TokenEvent]:
-        scores = self.logits.copy()
-        if self.is_beam_row.any():  # beam search ranks by log-probabilities, as transformers does
-            scores[self.is_beam_row] = log_softmax(scores[self.is_beam_row])
+        # Beam search ranks by log-probabilities, as transformers does; the processors edit a copy of the logits,
+        # which `advance` still needs for the log-probabilities it reports.
+        if self.is_beam_row.all():
+            scores = log_softmax(self.logits)  # a new array: no copy needed
+        else:
+            scores = self.logits.copy()
+            if self.is_beam_row.any():
+                scores[self.is_beam_row] = log_softmax(scores[self.is_beam_row])
         eos_mask = np.concatenate([self._suppress_eos(self._live(h), n) for h, n in self.rows.items()])
         scores = self.chain(self.history, scores, eos_mask, eos_ids)
         events, keep, tokens, offset = [], [], [], 0

@@ -16,6 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 _NEG_INF = np.float32(-np.inf)
 _PACK_LIMIT = 1024  # top-p filters rows with at most this many finite scores (e.g. after top-k) all at once
+_STRIDE = 8  # top-k first partitions every 8th score: a sample whose k-th largest bounds the row's from below
 
 
 def _per_row(value, n: int, dtype) -> np.ndarray:
@@ -104,20 +105,56 @@ def top_k(scores: np.ndarray, k, min_tokens_to_keep=1) -> np.ndarray:
     """Keep the k highest scores of each row (and every score tied with the k-th), set the rest to -inf.
 
     ``k`` (R,) int, 0 = off; the effective k is ``min(max(k, min_tokens_to_keep), V)``. Rows are grouped by their
-    effective k so each group costs one ``np.partition``, never a full sort.
+    effective k so each group costs one partition of a sample and one of a few candidates, never a full sort.
     """
-    n_rows, vocab = scores.shape
+    return _top_k_grouped(scores, _top_k_groups(k, min_tokens_to_keep, scores.shape[0]))
+
+
+def _top_k_groups(k, min_tokens_to_keep, n_rows: int) -> list[tuple[np.ndarray | None, int]]:
+    """(rows, effective k) for each distinct k; rows is None when it is every row. Rows with k = 0 are left out."""
     k = _per_row(k, n_rows, np.int64)
-    eff = np.minimum(np.maximum(k, _per_row(min_tokens_to_keep, n_rows, np.int64)), vocab)
-    eff = np.where(k == 0, vocab, eff)
-    for kk in np.unique(eff[eff < vocab]).tolist():
+    eff = np.where(k == 0, 0, np.maximum(k, _per_row(min_tokens_to_keep, n_rows, np.int64)))
+    groups = []
+    for kk in np.unique(eff[eff > 0]).tolist():
         rows = np.flatnonzero(eff == kk)
-        sub = scores if rows.size == n_rows else scores[rows]
-        kth = np.partition(sub, vocab - kk, axis=1)[:, vocab - kk]  # the k-th largest score of each row
-        sub[sub < kth[:, None]] = _NEG_INF
-        if sub is not scores:
+        groups.append((None if rows.size == n_rows else rows, kk))
+    return groups
+
+
+def _top_k_grouped(scores: np.ndarray, groups) -> np.ndarray:
+    for rows, k in groups:
+        if rows is None:
+            _keep_top_k(scores, k)
+        else:
+            sub = scores[rows]
+            _keep_top_k(sub, k)
             scores[rows] = sub
     return scores
+
+
+def _keep_top_k(scores: np.ndarray, k: int) -> None:
+    """Top-k of every row of ``scores`` (R, V), in place.
+
+    The k-th largest of every `_STRIDE`-th score is at most the row's k-th largest, so only the scores at or above
+    it (about `_STRIDE` x k of them) need partitioning: about half the cost of partitioning the whole row.
+    """
+    n_rows, vocab = scores.shape
+    if k >= vocab:
+        return
+    sample = scores[:, ::_STRIDE]
+    width = sample.shape[1]
+    if width >= 4 * k:
+        bound = np.partition(sample, width - k, axis=1)[:, width - k]
+        cols, vals, counts = pack(scores, scores >= bound[:, None])  # (R, W) candidates, -inf padded
+        if counts.min() >= k:  # always, unless NaN scores made the bound meaningless
+            kth = np.partition(vals, vals.shape[1] - k, axis=1)[:, vals.shape[1] - k]
+            r, j = np.nonzero((vals >= kth[:, None]) & (np.arange(vals.shape[1]) < counts[:, None]))
+            kept = vals[r, j]
+            scores.fill(_NEG_INF)
+            scores[r, cols[r, j]] = kept
+            return
+    kth = np.partition(scores, vocab - k, axis=1)[:, vocab - k]
+    np.copyto(scores, _NEG_INF, where=scores < kth[:, None])
 
 
 def top_p(scores: np.ndarray, p, min_tokens_to_keep=1) -> np.ndarray:
@@ -191,11 +228,20 @@ def _top_p_row(row: np.ndarray, fin: np.ndarray, p: float, keep: int) -> None:
 def pack_finite(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each row's finite entries moved to the left of a small block: cheap when most scores are -inf.
 
-    Returns ``cols`` (R, W) int64 (their columns in ``scores``), ``vals`` (R, W) (their scores, -inf padded) and
-    ``counts`` (R,), where W is the largest count (at least 1).
+    Returns ``cols`` (R, W) int64 (their columns in ``scores``, ascending), ``vals`` (R, W) (their scores, -inf
+    padded) and ``counts`` (R,), where W is the largest count (at least 1).
     """
+    return pack(scores, scores > -np.inf)
+
+
+def pack(scores: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`pack_finite`, for the entries where ``mask`` (R, V) bool is True."""
     n_rows, vocab = scores.shape
-    r, c = np.divmod(np.flatnonzero(scores > -np.inf), vocab)  # 1-D: much faster than a 2-D nonzero
+    if n_rows == 1:  # one row: no slot arithmetic
+        c = np.flatnonzero(mask[0])
+        if c.size:
+            return c[None], scores[0, c][None], np.array([c.size])
+    r, c = np.divmod(np.flatnonzero(mask), vocab)  # 1-D: much faster than a 2-D nonzero
     counts = np.bincount(r, minlength=n_rows)
     slot = np.arange(r.size) - np.repeat(np.cumsum(counts) - counts, counts)
     width = max(int(counts.max(initial=0)), 1)
@@ -293,17 +339,20 @@ class LogitsChain:
         pen, ngram, keep = params.repetition_penalty, params.no_repeat_ngram_size, params.min_tokens_to_keep
         temp = np.where(params.do_sample, params.temperature, np.float32(1.0))
         k = np.where(params.do_sample, params.top_k, 0)
+        k_groups = _top_k_groups(k, keep, len(params))
         nucleus = np.where(params.do_sample, params.top_p, 1.0)
         candidates = [  # (name, needed by some row, step(input_ids, scores) -> scores)
             ("repetition_penalty", pen != 1, lambda ids, x: repetition_penalty(ids, x, pen)),
             ("no_repeat_ngram", ngram > 0, lambda ids, x: no_repeat_ngram(ids, x, ngram)),
             ("suppress_eos", True, None),  # its rows and ids come with each call
             ("temperature", temp != 1, lambda ids, x: temperature(x, temp)),
-            ("top_k", k != 0, lambda ids, x: top_k(x, k, keep)),
+            ("top_k", k != 0, lambda ids, x: _top_k_grouped(x, k_groups)),
             ("top_p", nucleus < 1, lambda ids, x: top_p(x, nucleus, keep)),
         ]
         self.steps = [(name, step) for name, needed, step in candidates if np.any(needed)]
         self.names = [name for name, _ in self.steps]
+        # Every row alike (one prompt's beams or samples): reordering rows gives back the same chain.
+        self.uniform = all(np.all(getattr(params, f.name) == getattr(params, f.name)[:1]) for f in fields(params))
 
     def __call__(self, input_ids: np.ndarray, scores: np.ndarray, eos_suppress_mask=None, eos_ids=()) -> np.ndarray:
         """Process ``scores`` (R, V) float32 given ``input_ids`` (R, L) int64; may edit ``scores`` in place.
@@ -319,4 +368,7 @@ class LogitsChain:
         return scores
 
     def take(self, indices) -> LogitsChain:
+        """The chain of the rows at `indices`; beam search reorders rows every step, so keep that cheap."""
+        if self.uniform and len(indices) == len(self.params):
+            return self
         return LogitsChain(self.params.take(indices))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .processors import pack_finite
+from .processors import pack
 
 
 def make_row_rng(seed: int | None, index: int) -> np.random.Generator:
@@ -38,13 +38,15 @@ def sample(scores: np.ndarray, rngs) -> np.ndarray:
         raise ValueError(f"sample needs one generator per row: {n_rows} rows, got {len(rngs)} generators")
     u = np.fromiter((g.random() for g in rngs), dtype=np.float64, count=n_rows)
     cols, vals = None, scores
-    if 4 * np.count_nonzero(scores > -np.inf) < scores.size:  # mostly filtered: pack each row's finite entries
-        cols, vals, _ = pack_finite(scores)
+    finite = scores > -np.inf
+    if 4 * np.count_nonzero(finite) < finite.size:  # mostly filtered: pack each row's finite entries
+        cols, vals, _ = pack(scores, finite)
     top = vals.max(axis=1)
     if (top == -np.inf).any():
         row = int(np.flatnonzero(top == -np.inf)[0])
         raise ValueError(f"cannot sample row {row}: every score is -inf (all tokens were filtered out)")
-    pick = _inverse_cdf(np.exp(vals - top[:, None]), u)
+    weights = vals - top[:, None]
+    pick = _inverse_cdf(np.exp(weights, out=weights), u)
     return pick if cols is None else cols[np.arange(n_rows), pick]
 
 
@@ -58,6 +60,9 @@ def _inverse_cdf(weights: np.ndarray, u: np.ndarray, block: int = 256) -> np.nda
     rows = np.arange(n_rows)
     csum = np.cumsum(np.add.reduceat(weights, np.arange(0, width, block), axis=1, dtype=np.float64), axis=1)
     target = u * csum[:, -1]
+    if width <= block:  # one block (e.g. after top-k): the same search without the block level
+        ccum = np.cumsum(weights, axis=1, dtype=np.float64)
+        return np.minimum((ccum <= target[:, None]).sum(axis=1), (ccum < ccum[:, -1:]).sum(axis=1))
     b = np.minimum((csum <= target[:, None]).sum(axis=1), (csum < csum[:, -1:]).sum(axis=1))
     rest = target - np.where(b > 0, csum[rows, b - 1], 0.0)
     cols = b[:, None] * block + np.arange(block)  # (R, block): the entries of the chosen block
@@ -89,6 +94,7 @@ def token_logprobs(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """log_softmax(scores)[row, ids[row]] -> (R,) float32: the log-probability of each chosen token."""
     top = scores.max(axis=1)
     top = np.where(np.isfinite(top), top, np.float32(0))
-    lse = np.log(np.exp(scores - top[:, None]).sum(axis=1, dtype=np.float64))
+    shifted = scores - top[:, None]
+    lse = np.log(np.exp(shifted, out=shifted).sum(axis=1, dtype=np.float64))
     chosen = scores[np.arange(scores.shape[0]), ids].astype(np.float64)
     return (chosen - top - lse).astype(np.float32)

@@ -135,6 +135,20 @@ def test_top_k_matches_hf_per_row(min_keep, ties):
         assert np.isfinite(ours[1]).sum() == max(3, min_keep)
 
 
+@pytest.mark.parametrize("holes", [False, True], ids=["dense", "mostly-minus-inf"])
+def test_top_k_on_a_gpt2_sized_vocabulary_matches_hf(holes):
+    """k much smaller than V: only the scores above a bound read from a strided sample are partitioned."""
+    scores = scores_for(6, seed=5, vocab=50_257)
+    scores[2] = np.round(scores[2])  # many tokens tie with the k-th score
+    if holes:  # about 630 finite scores per sample of 6283: the bound itself can be -inf
+        scores[np.random.default_rng(6).random(scores.shape) < 0.9] = -np.inf
+    k = np.array([50, 50, 50, 1, 640, 6000])
+    ours = P.top_k(scores.copy(), k)
+    for r in range(6):
+        expected = hf_row([lp.TopKLogitsWarper(int(k[r]))], ids_row=np.zeros(0, np.int64), scores_row=scores[r])
+        np.testing.assert_array_equal(ours[r], expected)
+
+
 @pytest.mark.parametrize("min_keep", [1, 2])
 @pytest.mark.parametrize("vocab", [V, 50_000])
 def test_top_p_matches_hf_per_row(min_keep, vocab):
@@ -204,6 +218,9 @@ def test_chain_skips_neutral_steps_and_does_not_warp_greedy_rows():
     scores = scores_for(2)
     np.testing.assert_array_equal(chain(np.zeros((2, 0), np.int64), scores.copy()), scores)
     assert P.LogitsChain(greedy.take([1, 0])).params.top_k.tolist() == [3, 3]
+    assert chain.take([1, 0]) is chain  # alike rows (beams of one prompt): reordering needs no new chain
+    mixed = P.LogitsChain(P.RowParams.full(2, top_k=[3, 4], do_sample=True)).take([1, 0])
+    assert mixed.params.top_k.tolist() == [4, 3]
 
 
 def hf_list(rp, r, eos, min_length):

@@ -64,6 +64,15 @@ def test_seeded_draws_repeat_and_do_not_depend_on_the_batch():
     assert alone == first.tolist()
 
 
+def test_seeded_draws_are_pinned():
+    """A seed's draws are part of the contract: faster processors or sampling must leave them unchanged."""
+    scores = (np.random.default_rng(8).standard_normal((3, 50_257)) * 3).astype(np.float32)
+    chain = P.LogitsChain(P.RowParams.full(3, top_k=[50, 50, 0], temperature=[1.0, 0.7, 1.0], do_sample=True))
+    rngs = [S.make_row_rng(2024, i) for i in range(3)]
+    draws = [S.sample(chain(np.zeros((3, 0), np.int64), scores.copy()), rngs).tolist() for _ in range(4)]
+    assert draws == [[31958, 13548, 45177], [31560, 38230, 6173], [7440, 13548, 11807], [31958, 38230, 15413]]
+
+
 @pytest.mark.parametrize("filtered", [False, True], ids=["full", "top-k-top-p"])
 def test_sample_distribution_matches_softmax(filtered):
     base = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], dtype=np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 from ..manifest import Manifest, check_graph_io
 from .base import Prefill
 from .kv_cache import KVCache
-from .session import create_session
+from .session import create_session, prefill_run_options
 
 
 class Gpt2Session:
@@ -57,7 +57,7 @@ class DecoderOnlyModel(Gpt2Session):
         for name in self.past_names:
             cache.set_numpy(name, empty)
         state = DecoderOnlyState(self, cache, attention_mask, attention_mask.sum(axis=1))
-        logits = state.run(input_ids, position_ids)
+        logits = state.run(input_ids, position_ids, prefill_run_options())
         return Prefill(state=state, logits=logits, history=input_ids, prompt_lengths=attention_mask.sum(axis=1))
 
 
@@ -72,7 +72,7 @@ class DecoderOnlyState:
     def num_rows(self) -> int:
         return self.attention_mask.shape[0]
 
-    def run(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, run_options=None) -> np.ndarray:
         session = self.model.session
         binding = session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
@@ -82,7 +82,7 @@ class DecoderOnlyState:
         binding.bind_output("logits", "cpu")
         for name in self.model.present_names:
             binding.bind_output(name, self.cache.device)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
         for past, present in zip(self.model.past_names, outputs[1:]):
             self.cache.set_value(past, present)
