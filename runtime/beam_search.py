@@ -17,13 +17,24 @@ from .sampling import sample_without_replacement
 _NEG = np.float32(-1.0e9)  # transformers' "impossible" score, added rather than assigned
 
 
+_SAMPLE_STRIDE = 8  # every 8th score bounds the k-th largest from below
+
+
 def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest values, best first; ties go to the lower index."""
-    if k < values.shape[0]:
-        part = np.argpartition(-values, k - 1)[:k]
-    else:
-        part = np.arange(values.shape[0])
-    return part[np.lexsort((part, -values[part]))]
+    """Indices of the k largest values, best first; ties go to the lower index (at the k-th place too)."""
+    n = values.shape[0]
+    if k >= n:
+        everything = np.arange(n)
+        return everything[np.lexsort((everything, -values))]
+    # The k-th largest of a subset is at most the k-th largest of all, so every score at or above it is a
+    # candidate and the top k are among them: with beams x vocab scores, a strided sample bounds it, and a few
+    # dozen candidates are sorted instead of the whole array partitioned.
+    pool = values[::_SAMPLE_STRIDE] if k * _SAMPLE_STRIDE * 4 <= n else values
+    bound = np.partition(pool, pool.shape[0] - k)[pool.shape[0] - k]
+    candidates = np.flatnonzero(values >= bound)
+    if candidates.shape[0] < k:  # NaN scores compare false: order everything
+        candidates = np.arange(n)
+    return candidates[np.lexsort((candidates, -values[candidates]))[:k]]
 
 
 def _length_norm(length: int, length_penalty: float) -> np.float32:

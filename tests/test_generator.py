@@ -234,3 +234,19 @@ def test_extreme_values_are_refused_at_the_boundary(params, match):
 def test_an_extreme_length_penalty_does_not_break_beam_search():
     results, _ = run(TableModel(eos_bias=1.0), [[3]], [plan(num_beams=2, max_new_tokens=5, length_penalty=1e308)])
     assert len(results[0]) == 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 8, 40])
+def test_beam_top_indices_are_the_k_largest_best_first_lower_index_on_ties(k):
+    from onnxgen.beam_search import _top_indices
+
+    rng = np.random.default_rng(k)
+    for trial in range(200):
+        size = int(rng.choice([7, 300, 4 * 50257]))
+        values = rng.normal(size=size).astype(np.float32)
+        if trial % 3 == 0:
+            values = np.round(values, 1)  # many ties, also at the k-th place
+        if trial % 5 == 0:
+            values[rng.random(size) < 0.9] = -np.inf  # mostly masked rows
+        expected = np.lexsort((np.arange(size), -values))[: min(k, size)]
+        np.testing.assert_array_equal(_top_indices(values, k), expected)

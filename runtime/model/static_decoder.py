@@ -20,8 +20,9 @@ import numpy as np
 
 from ..manifest import Manifest
 from .base import Prefill
+from .buffers import move_rows
 from .decoder_only import Gpt2Session
-from .session import import_onnxruntime
+from .session import import_onnxruntime, prefill_run_options
 
 KV_CHUNK = 128  # positions added to the buffers at a time
 
@@ -110,7 +111,7 @@ class StaticDecoderState:
         io = self._bind(
             input_ids, np.tile(np.arange(width, dtype=np.int64), (rows, 1)), (self.lengths - 1).astype(np.int32), width
         )
-        self.model.session.run_with_iobinding(io.binding)
+        self.model.session.run_with_iobinding(io.binding, prefill_run_options())
         return io.logits
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
@@ -145,8 +146,7 @@ class StaticDecoderState:
             moved = np.flatnonzero(rows != np.arange(count))
             if moved.size:
                 used = int(self.lengths[rows[moved]].max())
-                # The right side is a gathered copy, so sources overwritten by this assignment are read first.
-                self.kv[:, :, moved, :, :used] = self.kv[:, :, rows[moved], :, :used]
+                move_rows(self.kv, moved, rows[moved], used)
         if count != self.num_rows:  # the bound views have the old row count
             self._io = None
         self.lengths = self.lengths[rows]

@@ -26,7 +26,8 @@ import numpy as np
 
 from ..manifest import Manifest, check_graph_io
 from .base import Prefill
-from .session import create_session, import_onnxruntime
+from .buffers import move_rows
+from .session import create_session, import_onnxruntime, prefill_run_options
 
 KV_CHUNK = 128  # decoder positions added to the self-attention buffers at a time
 
@@ -89,7 +90,7 @@ class StaticEncoderDecoderModel:
         values = [self.ort.OrtValue.ortvalue_from_numpy(cross[i, k]) for i in range(self.num_layers) for k in range(2)]
         for name, value in zip(self.cross_names, values):
             binding.bind_ortvalue_output(f"present.{name}", value)
-        self.sessions["encoder"].run_with_iobinding(binding)
+        self.sessions["encoder"].run_with_iobinding(binding, prefill_run_options())
         return cross
 
     def new_buffer(self, rows: int, capacity: int) -> np.ndarray:
@@ -155,12 +156,11 @@ class StaticEncoderDecoderState:
         else:
             moved = np.flatnonzero(rows != np.arange(count))
             if moved.size:
-                # Each right side is a gathered copy, so sources overwritten by the assignment are read first.
-                self.kv[:, :, moved, :, :used] = self.kv[:, :, rows[moved], :, :used]
+                move_rows(self.kv, moved, rows[moved], used)
                 held = np.full(count, -1, dtype=np.int64)  # rows past the current ones hold nothing we know
                 held[: min(count, self.num_rows)] = self.sources[:count]
                 encoded = moved[held[moved] != self.sources[rows[moved]]]  # another prompt's encoding is needed
-                self.cross[:, :, encoded] = self.cross[:, :, rows[encoded]]
+                move_rows(self.cross, encoded, rows[encoded], self.cross.shape[4])
                 self.mask[encoded] = self.mask[rows[encoded]]
         if count != self.num_rows:  # the bound views have the old row count
             self._io = None
