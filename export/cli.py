@@ -56,10 +56,10 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--external-data-threshold-mib",
         type=float,
-        default=_DEFAULT_THRESHOLD_MIB,
+        default=None,
         metavar="MIB",
-        help="keep a graph's weights in a separate <graph>.onnx.data file above this size "
-        f"(default {_DEFAULT_THRESHOLD_MIB} MiB)",
+        help="keep a graph's weights in a separate <graph>.onnx.data file above this size (default: always for "
+        f"--optimize fused, which loads faster so; above {_DEFAULT_THRESHOLD_MIB} MiB for optimum's graphs)",
     )
 
 
@@ -68,15 +68,16 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         from onnxgen.export import export_model
 
-        if args.external_data_threshold_mib < 0:
-            raise ExportError(f"--external-data-threshold-mib must be >= 0, got {args.external_data_threshold_mib}")
+        threshold = args.external_data_threshold_mib
+        if threshold is not None and threshold < 0:
+            raise ExportError(f"--external-data-threshold-mib must be >= 0, got {threshold}")
         manifest = export_model(
             args.source,
             args.output_dir,
             force=args.force,
             verify=not args.no_verify,
             atol=args.atol,
-            external_data_threshold=int(args.external_data_threshold_mib * 2**20),
+            external_data_threshold=None if threshold is None else int(threshold * 2**20),
             optimize=args.optimize,
             precision=args.precision,
             min_agreement=args.min_agreement,
