@@ -92,8 +92,15 @@ def externalize_if_large(path: Path, threshold_bytes: int) -> str | None:
         location=location,
         size_threshold=_INLINE_TENSOR_BYTES,
     )
+    match_permissions(path.parent / location, path)
     log.info("moved %.1f MiB of weights of %s into %s", size / 2**20, path.name, location)
     return location
+
+
+def match_permissions(data_file: Path, graph_file: Path) -> None:
+    """Give a weights file its graph's permissions: onnx creates data files readable by their owner only (0600),
+    which breaks a model directory shared with the user a server runs as."""
+    data_file.chmod(graph_file.stat().st_mode & 0o777)
 
 
 def remove_graph(path: Path, keep: set[str] = frozenset()) -> None:

@@ -168,6 +168,7 @@ def test_large_weights_go_to_external_data(tiny_gpt2_checkpoint, tiny_gpt2_onnx,
     graph = out / manifest.graphs["decoder"].file
     data = out / (manifest.graphs["decoder"].file + ".data")
     assert data.exists() and data.stat().st_size > graph.stat().st_size
+    assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777  # onnx alone would leave it 0600
     assert manifest.verification["passed"] is True  # verified on the external-data graph
     assert onnx_files.externalize_if_large(graph, 0) is None  # already external: left alone
 
@@ -318,6 +319,10 @@ def test_fused_export_through_export_model_and_the_cli(tiny_gpt2_checkpoint, tin
     assert run_export(parser.parse_args([str(tiny_gpt2_checkpoint), str(out), "--optimize", "fused"])) == 0
     manifest = json.loads((out / "onnxgen.json").read_text())
     assert "static-kv" in manifest["optimizations"] and manifest["verification"]["passed"] is True
+    graph = out / manifest["graphs"]["decoder"]["file"]
+    data = graph.with_name(graph.name + ".data")  # fused graphs keep their weights outside by default
+    assert data.stat().st_size > graph.stat().st_size
+    assert data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777
     fused = TextGeneration(out, device="cpu")("The café", do_sample=False, max_new_tokens=8)
     export_model(tiny_gpt2_checkpoint, tmp_path / "plain")
     assert fused == TextGeneration(tmp_path / "plain", device="cpu")("The café", do_sample=False, max_new_tokens=8)

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxgen.export.onnx_files import match_permissions
+
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
@@ -101,6 +103,7 @@ def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int)
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location,
         size_threshold=INLINE_TENSOR_BYTES,
     )
+    match_permissions(path.parent / location, path)
     log.info("wrote %.1f MiB of weights of %s into %s", size / 2**20, path.name, location)
     return location
 
