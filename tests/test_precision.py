@@ -73,9 +73,9 @@ def test_int8_graph_quantizes_every_matmul_and_the_lm_head(exported):
     assert head.op_type == "DynamicQuantizeMatMul"
     weights = {t.name: t for t in graph.initializer}
     for node in graph.node:
-        if node.op_type == "DynamicQuantizeMatMul":  # int8 weights, one scale (and zero point 0) per output column
+        if node.op_type == "DynamicQuantizeMatMul":  # uint8 weights, one scale and zero point per output column
             matrix, scale, zero_point = (weights[name] for name in node.input[1:4])
-            assert matrix.data_type == zero_point.data_type == onnx.TensorProto.INT8
+            assert matrix.data_type == zero_point.data_type == onnx.TensorProto.UINT8
             assert list(scale.dims) == list(zero_point.dims) == [matrix.dims[1]]
     assert weights["wte.weight"].data_type == onnx.TensorProto.FLOAT  # the token lookup stays float
 
@@ -128,13 +128,13 @@ def test_quantize_columns_rounds_each_column_within_half_a_step():
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(96, 7)).astype(np.float32) * np.array([1, 10, 0.01, 1, 1, 1, 1], np.float32)
     matrix[:, 3] = 0.0  # an all-zero column
-    matrix[:, 4] = np.abs(matrix[:, 4])  # a column without negatives
+    matrix[:, 4] = np.abs(matrix[:, 4])  # a column without negatives: its range is widened to include 0
     quantized, scale, zero_point = quantize_columns(matrix)
-    assert quantized.dtype == zero_point.dtype == np.int8 and scale.shape == (7,) and not zero_point.any()
-    restored = quantized.astype(np.float32) * scale
+    assert quantized.dtype == zero_point.dtype == np.uint8 and scale.shape == (7,)
+    restored = (quantized.astype(np.float32) - zero_point) * scale
     assert np.all(np.abs(restored - matrix) <= scale / 2 * 1.0001)
-    assert np.all(restored[:, 3] == 0) and quantized.min() >= -127
-    assert np.all(np.abs(quantized).max(axis=0)[[0, 1, 2, 4, 5, 6]] == 127)  # each column's range is used
+    assert np.all(restored[:, 3] == 0)
+    assert zero_point[4] == 0 and quantized[:, 4].max() == 255
 
 
 def test_a_random_model_at_int8_misses_a_strict_agreement_and_keeps_the_files(tiny_gpt2_checkpoint, tmp_path):
