@@ -29,7 +29,7 @@ Precisions (:data:`PRECISIONS`):
   AVX2 CPUs without VNNI multiply u8 x s8 with an instruction that saturates its int16 pair sums (onnxruntime's
   quantization notes say so); per-column scales because one outlier column would otherwise coarsen every other.
   Measured on GPT-2 small random weights, 2-core AVX2 CPU: symmetric int8 per column ran ~15% faster per token
-  but, filling each column's full range, saturated often enough to push the logit error from ~0.03 to 0.27 and
+  but, filling each column's full range, saturated often enough to push the logit error from 0.08 to 0.27 and
   top-1 agreement on the export sample from 95% to 78%.
   The LM head needs the embedding transposed (V, D) -> (D, V) as its own quantized copy (a quarter of the fp32
   size); the token lookup keeps the float embedding. Everything else (norms, attention, key/values) stays float32.
