@@ -13,6 +13,15 @@ from .kv_cache import KVCache
 from .session import create_session
 
 
+def special_token_ids(manifest: Manifest) -> tuple[tuple[int, ...], int, int]:
+    """(EOS ids, padding id, decoder start id) of a T5 manifest; T5 pads with 0 and starts decoding with padding."""
+    tokens = manifest.special_tokens
+    eos = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
+    pad = tokens.pad_token_id if tokens.pad_token_id is not None else 0
+    start = pad if tokens.decoder_start_token_id is None else tokens.decoder_start_token_id
+    return eos, pad, start
+
+
 class EncoderDecoderModel:
     def __init__(self, manifest: Manifest, directory: Path, device: str, intra_op_threads: int | None = None):
         self.sessions = {}
@@ -25,11 +34,7 @@ class EncoderDecoderModel:
         self.device = device
         self.num_layers = manifest.num_layers
         self.vocab_size = manifest.vocab_size
-        tokens = manifest.special_tokens
-        self.eos_token_ids = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
-        self.pad_token_id = tokens.pad_token_id if tokens.pad_token_id is not None else 0
-        start = tokens.decoder_start_token_id
-        self.decoder_start_token_id = self.pad_token_id if start is None else start
+        self.eos_token_ids, self.pad_token_id, self.decoder_start_token_id = special_token_ids(manifest)
         layers = range(self.num_layers)
         self.self_past = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]
         self.cross_past = [f"past_key_values.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]

@@ -27,6 +27,7 @@ import numpy as np
 from ..manifest import Manifest, check_graph_io
 from .base import Prefill
 from .buffers import move_rows
+from .encoder_decoder import special_token_ids
 from .session import create_session, import_onnxruntime, prefill_run_options
 
 KV_CHUNK = 128  # decoder positions added to the self-attention buffers at a time
@@ -55,11 +56,7 @@ class StaticEncoderDecoderModel:
         self.num_heads = manifest.num_heads
         self.head_size = manifest.head_size
         self.vocab_size = manifest.vocab_size
-        tokens = manifest.special_tokens
-        self.eos_token_ids = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
-        self.pad_token_id = tokens.pad_token_id if tokens.pad_token_id is not None else 0
-        start = tokens.decoder_start_token_id
-        self.decoder_start_token_id = self.pad_token_id if start is None else start
+        self.eos_token_ids, self.pad_token_id, self.decoder_start_token_id = special_token_ids(manifest)
         layers = range(self.num_layers)
         self.kv_names = [f"{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]  # after past_key_values.
         self.cross_names = [f"{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]  # or present.
