@@ -15,7 +15,7 @@ from typing import Any
 
 MANIFEST_FILE = "onnxgen.json"
 FORMAT_NAME = "onnxgen"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: static-layout graphs take embeddings (TOKEN_LOOKUP); version 1 ones did the lookup
 SUPPORTED_ARCHITECTURES = ("gpt2", "t5")
 
 # `Manifest.optimizations` entries. STATIC_KV also names a graph layout: GPT-2's decoder or T5's encoder and
@@ -25,6 +25,11 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "t5")
 FUSED_GQA = "fused-gqa"  # SkipLayerNormalization, FastGelu, packed QKV into GroupQueryAttention
 LAST_LOGITS = "last-logits"  # logits (batch, vocab) of each row's last valid position only
 STATIC_KV = "static-kv"  # past_key_values.* (batch, heads, max_length, head_size) are written in place
+# The graphs take `inputs_embeds` (batch, sequence, hidden) instead of `input_ids`: the runtime looks tokens up in
+# TOKEN_EMBEDDINGS_FILE, a (vocab, hidden) .npy it memory-maps, so only the rows it reads are in memory, and a tied
+# LM head reads the same file, packed once by onnxruntime, instead of holding the table twice.
+TOKEN_LOOKUP = "runtime-token-lookup"
+TOKEN_EMBEDDINGS_FILE = "token_embeddings.npy"
 
 # Hugging Face model types that share GPT-2's or T5's graph layout.
 _MODEL_TYPE_TO_ARCHITECTURE = {"gpt2": "gpt2", "t5": "t5", "mt5": "t5"}
@@ -161,7 +166,7 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
         past = {f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")}
         present = {f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")}
         if manifest.has_static_kv:
-            lengths = {"input_ids", "position_ids", "seqlens_k", "total_sequence_length"}
+            lengths = {"inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"}
             return {"decoder": (lengths | past, {"logits"} | present)}
         return {"decoder": ({"input_ids", "attention_mask", "position_ids"} | past, {"logits"} | present)}
     self_past = {f"past_key_values.{i}.decoder.{kv}" for i in range(n) for kv in ("key", "value")}
@@ -169,9 +174,9 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
     self_present = {f"present.{i}.decoder.{kv}" for i in range(n) for kv in ("key", "value")}
     cross_present = {f"present.{i}.encoder.{kv}" for i in range(n) for kv in ("key", "value")}
     if manifest.has_static_kv:  # the encoder graph projects the cross-attention keys/values itself
-        lengths = {"input_ids", "encoder_attention_mask", "seqlens_k", "total_sequence_length"}
+        lengths = {"inputs_embeds", "encoder_attention_mask", "seqlens_k", "total_sequence_length"}
         return {
-            "encoder": ({"input_ids", "attention_mask"}, cross_present),
+            "encoder": ({"inputs_embeds", "attention_mask"}, cross_present),
             "decoder": (lengths | self_past | cross_past, {"logits"} | self_present),
         }
     return {
@@ -225,6 +230,15 @@ def load_manifest(directory: str | Path) -> Manifest:
             f"{str(directory)!r} holds neither {MANIFEST_FILE} nor config.json; "
             "export a model first with `onnxgen export SOURCE OUTPUT_DIR`"
         )
+    if manifest.has_static_kv:
+        if TOKEN_LOOKUP not in manifest.optimizations:
+            raise ManifestError(
+                f"{str(directory)!r} holds fused graphs of an older onnxgen (format_version "
+                f"{manifest.format_version}) that look tokens up themselves; re-export it with `onnxgen export "
+                "--optimize fused`"
+            )
+        if not (directory / TOKEN_EMBEDDINGS_FILE).exists():
+            raise ManifestError(f"the token table {TOKEN_EMBEDDINGS_FILE!r} is missing from {str(directory)!r}")
     for name in required_graphs(manifest.architecture, manifest.has_static_kv):
         if name not in manifest.graphs:
             raise ManifestError(f"{MANIFEST_FILE}: the {manifest.architecture} layout needs a {name!r} graph")

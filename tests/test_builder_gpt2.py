@@ -25,7 +25,8 @@ from onnxgen import TextGeneration  # noqa: E402
 from onnxgen.export.builders import GPT2_OPTIMIZATIONS, write_gpt2  # noqa: E402
 from onnxgen.export.builders.verify import verify_static_gpt2  # noqa: E402
 from onnxgen.generator import Generator  # noqa: E402
-from onnxgen.manifest import STATIC_KV, expected_io, load_manifest  # noqa: E402
+from onnxgen.export.builders import graph as graph_module  # noqa: E402
+from onnxgen.manifest import STATIC_KV, TOKEN_EMBEDDINGS_FILE, ManifestError, expected_io, load_manifest  # noqa: E402
 from onnxgen.model import load_model  # noqa: E402
 from onnxgen.model import static_decoder  # noqa: E402
 from onnxgen.model.decoder_only import DecoderOnlyModel  # noqa: E402
@@ -74,19 +75,72 @@ def pair(tiny_gpt2_onnx, static_dir):
 
 
 def _graph(directory: Path):
-    return onnx.load(str(directory / load_manifest(directory).graphs["decoder"].file)).graph
+    path = directory / load_manifest(directory).graphs["decoder"].file
+    return onnx.load(str(path), load_external_data=False).graph  # external tensors keep their locations
 
 
-def test_the_graph_is_made_of_fused_operators_and_keeps_one_embedding(static_dir, eager_static_dir):
+def head_chunks(directory: Path, graph) -> list[np.ndarray]:
+    """The LM head's weights in vocabulary order, one per Gemm, read with their external data (table rows)."""
+    full = onnx.load(str(directory / load_manifest(directory).graphs["decoder"].file))  # loads external data
+    weights = {t.name: t for t in full.graph.initializer}
+    gemms = [node for node in graph.node if node.op_type == "Gemm"]
+    return [onnx.numpy_helper.to_array(weights[node.input[1]]) for node in gemms]
+
+
+def external_location(graph, name: str) -> str | None:
+    tensor = next(t for t in graph.initializer if t.name == name)
+    return dict((e.key, e.value) for e in tensor.external_data).get("location")
+
+
+def test_the_graph_is_made_of_fused_operators_and_takes_embeddings(static_dir, eager_static_dir):
     graph = _graph(static_dir)
     ops = {node.op_type for node in graph.node}
     assert {"GroupQueryAttention", "SkipLayerNormalization", "FastGelu", "Gemm"} <= ops
     assert not ops & {"Softmax", "Attention", "MultiHeadAttention", "Tanh", "Pow"}
-    names = [t.name for t in graph.initializer]
-    assert "lm_head.weight" not in names and names.count("wte.weight") == 1
+    assert "inputs_embeds" in [i.name for i in graph.input] and "input_ids" not in [i.name for i in graph.input]
+    assert [node.input[0] for node in graph.node if node.op_type == "Gather"] == ["wpe.weight"]  # positions only
+    # The tied head is the token table's rows, read from its file by Gemm (transB), not a copy in the graph.
+    table = np.load(static_dir / TOKEN_EMBEDDINGS_FILE)
     head = next(node for node in graph.node if node.op_type == "Gemm")
-    assert head.input[1] == "wte.weight" and onnx.helper.get_attribute_value(head.attribute[0]) == 1
-    assert "lm_head.weight" in [t.name for t in _graph(eager_static_dir).initializer]  # untied checkpoint
+    assert onnx.helper.get_attribute_value(head.attribute[0]) == 1
+    assert external_location(graph, head.input[1]) == TOKEN_EMBEDDINGS_FILE
+    np.testing.assert_array_equal(np.concatenate(head_chunks(static_dir, graph)), table)
+    untied = _graph(eager_static_dir)  # untied checkpoint: the head is its own weight
+    head = next(node for node in untied.node if node.op_type == "Gemm")
+    assert external_location(untied, head.input[1]) != TOKEN_EMBEDDINGS_FILE
+
+
+def test_a_head_too_big_for_one_chunk_is_split_without_changing_logits(hf_model, static_dir, tmp_path, monkeypatch):
+    table_bytes = np.load(static_dir / TOKEN_EMBEDDINGS_FILE, mmap_mode="r").nbytes
+    monkeypatch.setattr(graph_module, "HEAD_CHUNK_BYTES", table_bytes // 3 + 1)  # three chunks
+    chunked = shutil.copytree(static_dir, tmp_path / "chunked")
+    write_gpt2(hf_model, chunked)
+    graph = _graph(chunked)
+    assert [node.op_type for node in graph.node][-4:] == ["Gemm", "Gemm", "Gemm", "Concat"]
+    np.testing.assert_array_equal(
+        np.concatenate(head_chunks(chunked, graph)), np.load(static_dir / TOKEN_EMBEDDINGS_FILE)
+    )
+    whole, split = (load_model(load_manifest(d), d, "cpu") for d in (static_dir, chunked))
+    a, b = whole.prefill(PROMPTS), split.prefill(PROMPTS)
+    np.testing.assert_allclose(b.logits, a.logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b.state.step(np.array([1, 2, 3])), a.state.step(np.array([1, 2, 3])), atol=1e-5, rtol=0)
+
+
+def test_the_runtime_maps_the_token_table_and_refuses_ids_outside_it(static_dir):
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    assert isinstance(model.token_table, np.memmap) and not model.token_table.flags.writeable
+    with pytest.raises(ValueError, match=f"token id {model.vocab_size} is outside"):
+        model.prefill([[1, 2, model.vocab_size]])
+    with pytest.raises(ValueError, match="token id -1 is outside"):
+        model.prefill([[-1, 2]])
+
+
+def test_fused_graphs_of_an_older_export_are_refused_with_the_fix(static_dir, tmp_path):
+    old = shutil.copytree(static_dir, tmp_path / "old")
+    manifest = load_manifest(old)
+    dataclasses.replace(manifest, optimizations=manifest.optimizations[:3], format_version=1).save(old)
+    with pytest.raises(ManifestError, match="re-export it"):
+        load_manifest(old)
 
 
 def test_the_manifest_names_the_layout_and_old_manifests_still_load(static_dir, tiny_gpt2_onnx):

@@ -28,7 +28,7 @@ from onnxgen.export.builders import t5 as t5_builder  # noqa: E402
 from onnxgen.export.builders.verify_t5 import verify_static_t5  # noqa: E402
 from onnxgen.export.errors import ExportError  # noqa: E402
 from onnxgen.generator import Generator  # noqa: E402
-from onnxgen.manifest import STATIC_KV, expected_io, load_manifest  # noqa: E402
+from onnxgen.manifest import STATIC_KV, TOKEN_EMBEDDINGS_FILE, expected_io, load_manifest  # noqa: E402
 from onnxgen.model import load_model, static_encoder_decoder  # noqa: E402
 from onnxgen.model.encoder_decoder import EncoderDecoderModel  # noqa: E402
 from onnxgen.model.static_encoder_decoder import StaticEncoderDecoderModel  # noqa: E402
@@ -95,24 +95,43 @@ def pair(request, tiny_t5_onnx, static_dir, gated_onnx, gated_static_dir):
 
 
 def _graph(directory: Path, name: str):
-    return onnx.load(str(directory / load_manifest(directory).graphs[name].file)).graph
+    path = directory / load_manifest(directory).graphs[name].file
+    return onnx.load(str(path), load_external_data=False).graph  # external tensors keep their locations
 
 
-def test_the_graphs_are_made_of_fused_operators_and_keep_one_embedding(static_dir, gated_static_dir):
+def _external_location(graph, name: str) -> str | None:
+    tensor = next(t for t in graph.initializer if t.name == name)
+    return dict((e.key, e.value) for e in tensor.external_data).get("location")
+
+
+def test_the_graphs_are_made_of_fused_operators_and_take_embeddings(static_dir, gated_static_dir):
     decoder = _graph(static_dir, "decoder")
     ops = {node.op_type for node in decoder.node}
     assert {"GroupQueryAttention", "MultiHeadAttention", "SkipSimplifiedLayerNormalization", "Gemm"} <= ops
     assert not ops & {"Softmax", "Pow", "ReduceMean", "Attention"}
     names = [t.name for t in decoder.initializer]
-    assert names.count("shared.weight") == 1 and "lm_head.weight" not in names
+    assert "shared.weight" not in names and "lm_head.weight" not in names
     head = next(node for node in decoder.node if node.op_type == "Gemm")
-    assert head.input[1] == "shared.weight"  # tied: the head is the embedding, rescaled by alpha
+    # tied: the head is the token table's rows, read from its file and rescaled by alpha
+    assert _external_location(decoder, head.input[1]) == TOKEN_EMBEDDINGS_FILE
     assert not any("EncDecAttention.k" in name for name in names)  # the encoder graph projects those
-    encoder_ops = {node.op_type for node in _graph(static_dir, "encoder").node}
+    encoder = _graph(static_dir, "encoder")
+    encoder_ops = {node.op_type for node in encoder.node}
     assert {"MultiHeadAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"} <= encoder_ops
+    for graph in (encoder, decoder):
+        assert "inputs_embeds" in [i.name for i in graph.input] and "input_ids" not in [i.name for i in graph.input]
+        assert all("relative_position_bias" in node.input[0] for node in graph.node if node.op_type == "Gather")
     gated = _graph(gated_static_dir, "decoder")
-    assert "lm_head.weight" in [t.name for t in gated.initializer]
+    head = next(node for node in gated.node if node.op_type == "Gemm")
+    assert _external_location(gated, head.input[1]) != TOKEN_EMBEDDINGS_FILE  # untied: its own weight
     assert "FastGelu" in {node.op_type for node in gated.node}
+
+
+def test_one_mapped_table_serves_both_sessions(static_dir):
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    assert isinstance(model.token_table, np.memmap) and not model.token_table.flags.writeable
+    with pytest.raises(ValueError, match=f"token id {model.vocab_size} is outside"):
+        model.prefill([[5, 6, model.vocab_size]])
 
 
 def test_the_manifest_names_the_layout_and_dispatches_by_architecture(static_dir, tiny_t5_onnx):

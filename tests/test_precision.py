@@ -22,7 +22,7 @@ from onnxgen.export.builders.gpt2 import quantize_columns  # noqa: E402
 from onnxgen.export.builders.verify import AGREEMENT_SAMPLE  # noqa: E402
 from onnxgen.export.cli import add_export_arguments, run_export  # noqa: E402
 from onnxgen.export.errors import ExportError  # noqa: E402
-from onnxgen.manifest import load_manifest  # noqa: E402
+from onnxgen.manifest import TOKEN_EMBEDDINGS_FILE, load_manifest  # noqa: E402
 
 TRAIN_STEPS = 300
 
@@ -77,7 +77,7 @@ def test_int8_graph_quantizes_every_matmul_and_the_lm_head(exported):
             matrix, scale, zero_point = (weights[name] for name in node.input[1:4])
             assert matrix.data_type == zero_point.data_type == onnx.TensorProto.UINT8
             assert list(scale.dims) == list(zero_point.dims) == [matrix.dims[1]]
-    assert weights["wte.weight"].data_type == onnx.TensorProto.FLOAT  # the token lookup stays float
+    assert np.load(exported["int8"] / TOKEN_EMBEDDINGS_FILE, mmap_mode="r").dtype == np.float32  # the lookup
 
 
 def test_fp16_graph_stores_half_floats_and_returns_float32_logits(exported):
@@ -87,6 +87,8 @@ def test_fp16_graph_stores_half_floats_and_returns_float32_logits(exported):
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
     assert types["past_key_values.0.key"] == types["present.0.value"] == onnx.TensorProto.FLOAT16
     assert types["logits"] == onnx.TensorProto.FLOAT
+    assert types["inputs_embeds"] == onnx.TensorProto.FLOAT16
+    assert np.load(exported["fp16"] / TOKEN_EMBEDDINGS_FILE, mmap_mode="r").dtype == np.float16
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])

@@ -12,10 +12,14 @@ The key/value inputs are buffers of a fixed length (B, N, max_length, H) that th
 ``past_key_values.{i}.*`` and ``present.{i}.*``: GroupQueryAttention then writes each new position in place at
 ``seqlens_k`` and attends to positions ``0 .. seqlens_k`` of each row. Rows are right-padded: row b holds its
 tokens at positions 0 .. seqlens_k[b]. The last valid position of each row is gathered before the final
-projection, so the LM head (tied to the token embedding: one initializer, read transposed by Gemm) runs on
-(B, D) only, prompt included.
+projection, so the LM head runs on (B, D) only, prompt included.
 
-Inputs: input_ids (B, S) int64; position_ids (B, S) int64; seqlens_k (B,) int32 = tokens in the row after this
+The token lookup is the runtime's (``manifest.TOKEN_LOOKUP``): the graph takes the rows of the token embedding,
+which is written as its own .npy file. A tied LM head reads that file's rows as external data, transposed by Gemm,
+in chunks (``graph.HEAD_CHUNK_BYTES``) so that onnxruntime's prepacking never holds the whole table twice.
+
+Inputs: inputs_embeds (B, S, D) of the graph's float type = wte[input_ids]; position_ids (B, S) int64;
+seqlens_k (B,) int32 = tokens in the row after this
 call - 1; total_sequence_length () int32 = S for a prompt (every row starts empty), max(seqlens_k) + 1 for a step
 of one token; past_key_values.{i}.key/value (B, N, max_length, H) of the graph's float type.
 Outputs: logits (B, V) float32; present.{i}.key/value, the same buffers.
@@ -32,7 +36,7 @@ Precisions (:data:`PRECISIONS`):
   but, filling each column's full range, saturated often enough to push the logit error from 0.08 to 0.27 and
   top-1 agreement on the export sample from 95% to 78%.
   The LM head needs the embedding transposed (V, D) -> (D, V) as its own quantized copy (a quarter of the fp32
-  size); the token lookup keeps the float embedding. Everything else (norms, attention, key/values) stays float32.
+  size); the token table stays float32. Everything else (norms, attention, key/values) stays float32.
 
 onnxruntime's CPU GroupQueryAttention needs H to be a multiple of 8 (GPT-2 sizes have 64) and one token per row
 after the prompt; a prompt must start from empty rows (sequence length == total_sequence_length).
@@ -50,14 +54,14 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
-from onnxgen.export.builders.graph import MS_DOMAIN, GraphBuilder, save_model
+from onnxgen.export.builders.graph import MS_DOMAIN, GraphBuilder, TokenTable, save_model, save_token_table
 from onnxgen.export.errors import ExportError
-from onnxgen.manifest import FUSED_GQA, LAST_LOGITS, STATIC_KV, GraphSpec
+from onnxgen.manifest import FUSED_GQA, LAST_LOGITS, STATIC_KV, TOKEN_LOOKUP, GraphSpec
 
 log = logging.getLogger(__name__)
 
 GRAPH_FILE = "decoder_fused.onnx"
-OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV)
+OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV, TOKEN_LOOKUP)
 PRECISIONS = ("fp32", "fp16", "int8")
 # What the manifest's `dtype` records for each precision: the type the weights are stored in.
 WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
@@ -199,23 +203,35 @@ def quantize_columns(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     return quantized.astype(np.uint8), scale.astype(np.float32), zero_point.astype(np.uint8)
 
 
-def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any], precision: str = "fp32") -> Any:
-    """The onnx.ModelProto of the layout described in the module docstring, at `precision` (see PRECISIONS)."""
+def token_table(state_dict: Mapping[str, Any], precision: str = "fp32") -> np.ndarray:
+    """The (V, D) token embedding the runtime looks tokens up in: the graph's float type (float32 for int8)."""
+    check_precision(precision)
+    return Gpt2Weights(state_dict).wte.astype(np.float16 if precision == "fp16" else np.float32)
+
+
+def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any], table: TokenTable, precision: str = "fp32") -> Any:
+    """The onnx.ModelProto of the layout described in the module docstring, at `precision` (see PRECISIONS).
+
+    `table` is where :func:`token_table` was saved (`graph.save_token_table`); a tied LM head reads its rows.
+    """
     check_precision(precision)
     dims = Gpt2Dims.from_config(config)
     weights = Gpt2Weights(state_dict)
     g = GraphBuilder("gpt2_fused_static_kv")
     w = _Writer(g, weights, precision)
+    if table.shape != (dims.vocab_size, dims.hidden_size) or table.dtype != w.float_dtype:
+        raise ExportError(
+            f"the token table is {table.dtype} {table.shape}; this graph needs {np.dtype(w.float_dtype)} "
+            f"{(dims.vocab_size, dims.hidden_size)}"
+        )
     buffer = ["batch", dims.num_heads, "max_length", dims.head_size]
-    input_ids = g.input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+    inputs_embeds = g.input("inputs_embeds", w.float_type, ["batch", "sequence", dims.hidden_size])
     position_ids = g.input("position_ids", TensorProto.INT64, ["batch", "sequence"])
     seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch"])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
     g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])  # first, as optimum's graph has it
-    wte = w.weight("wte.weight", weights.wte)
-    tokens = g.node("Gather", [wte, input_ids])
     positions = g.node("Gather", [w.weight("wpe.weight"), position_ids])
-    x, residual = tokens, positions  # (B, S, D); the first SkipLayerNormalization adds them
+    x, residual = inputs_embeds, positions  # (B, S, D); the first SkipLayerNormalization adds them
     bias = ""  # what the previous sublayer's output still lacks (its projection's bias)
     for i in range(dims.num_layers):
         p = f"h.{i}."
@@ -235,17 +251,19 @@ def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any], precision: str 
         x = w.linear(x, p + "mlp.c_proj.weight")
         bias = p + "mlp.c_proj.bias"
     hidden, _ = _skip_norm(w, x, residual, bias, "ln_f", dims.epsilon, last=True)
-    last = g.node("GatherND", [hidden, _last_positions(g, input_ids, seqlens_k)], batch_dims=1)  # (B, D)
+    last = g.node("GatherND", [hidden, _last_positions(g, inputs_embeds, seqlens_k)], batch_dims=1)  # (B, D)
     if precision == "int8":
         head = weights.wte if weights.lm_head is None else weights.lm_head
         # (D, V) quantized per vocab row
         w.linear(last, "lm_head.weight_t", array=np.ascontiguousarray(head.T), output="logits")
     else:
-        head = wte if weights.lm_head is None else w.weight("lm_head.weight", weights.lm_head)
-        # (B, D) x (V, D)^T: the tied matrix is read transposed, not copied
-        logits = g.node("Gemm", [last, head], 1 if precision == "fp16" else ["logits"], transB=1)
+        out = "logits" if precision == "fp32" else "logits/half"
+        if weights.lm_head is None:
+            g.vocab_projection(last, out, table=table)
+        else:
+            g.vocab_projection(last, out, weight=weights.lm_head.astype(w.float_dtype))
         if precision == "fp16":
-            g.node("Cast", [logits], ["logits"], to=TensorProto.FLOAT)
+            g.node("Cast", [out], ["logits"], to=TensorProto.FLOAT)
     return g.model(producer="onnxgen.export.builders.gpt2")
 
 
@@ -267,9 +285,9 @@ def _activation(g, activation, x, bias):
     return g.node("Relu", [g.node("Add", [x, bias])])
 
 
-def _last_positions(g, input_ids, seqlens_k):
+def _last_positions(g, inputs_embeds, seqlens_k):
     """(B, 1) int64: seqlens_k for a prompt (rows are right-padded), 0 for a one-token step: min(seqlens_k, S-1)."""
-    width = g.node("Shape", [input_ids], start=1, end=2)  # (1,) = S
+    width = g.node("Shape", [inputs_embeds], start=1, end=2)  # (1,) = S
     last_column = g.node("Sub", [width, g.constant("one_i64", [1], np.int64)])
     lengths = g.node("Cast", [seqlens_k], to=TensorProto.INT64)
     index = g.node("Min", [lengths, last_column])  # (B,)
@@ -284,13 +302,16 @@ def write_gpt2(
     external_data_threshold: int = 2 * 1024**3,
     precision: str = "fp32",
 ) -> GraphSpec:
-    """Build the graph of a GPT2LMHeadModel into ``output_dir/file``; return its spec for the manifest.
+    """Build the graph of a GPT2LMHeadModel into ``output_dir/file``, its token table beside it
+    (``manifest.TOKEN_EMBEDDINGS_FILE``); return the graph's spec for the manifest.
 
     The manifest that names this graph must list :data:`OPTIMIZATIONS` so the runtime binds its layout, and
     record ``WEIGHT_DTYPES[precision]`` as its dtype.
     """
     path = Path(output_dir) / file
-    onnx_model = build_gpt2_graph(model.config, model.state_dict(), precision)
+    state_dict = model.state_dict()
+    table = save_token_table(output_dir, token_table(state_dict, precision))
+    onnx_model = build_gpt2_graph(model.config, state_dict, table, precision)
     save_model(onnx_model, path, external_data_threshold)
     graph = onnx_model.graph
     return GraphSpec(file=file, inputs=tuple(i.name for i in graph.input), outputs=tuple(o.name for o in graph.output))

@@ -15,13 +15,18 @@ N heads of size H (inner size I = N H), L decoder layers::
               FFN: wo(relu(wi x)) or wo(act(wi_0 x) * wi_1 x); residual sums ride in SkipSimplifiedLayerNormalization
               logits = Gemm(RMSNorm(x), lm_head, transB) (B, V); tied heads fold T5's d_model**-0.5 into alpha
 
+Both graphs take the token embeddings' rows (``inputs_embeds``): the runtime looks tokens up in the shared table,
+written as its own .npy (``manifest.TOKEN_LOOKUP``), and a tied LM head reads row chunks of that file as external
+data, so neither session holds a copy of the table for a Gather.
+
 T5 does not scale q.k by 1/sqrt(H) (its initialisation absorbs it), hence scale=1. The relative position bias,
 computed by layer 0 and shared by every layer of a stack, is a lookup table indexed by clipped distance: every
 distance at or beyond relative_attention_max_distance falls in the same bucket, so the table is finite and
 computed here with T5's own float32 arithmetic. The decoder's self-attention keys/values are buffers
 (B, N, capacity, H) bound as both past and present; GroupQueryAttention writes position seqlens_k[b] in place.
 
-Decoder inputs: input_ids (B, 1) int64; seqlens_k (B,) int32 = decoder tokens in the row after this call - 1;
+Encoder inputs: inputs_embeds (B, S, D) float32 = shared[input_ids]; attention_mask (B, S) int64.
+Decoder inputs: inputs_embeds (B, 1, D) float32; seqlens_k (B,) int32 = decoder tokens in the row after this call - 1;
 total_sequence_length () int32 = max(seqlens_k) + 1; encoder_attention_mask (B, S) int32;
 past_key_values.{i}.decoder.key/value (B, N, capacity, H); past_key_values.{i}.encoder.key/value (B, N, S, H).
 Outputs: logits (B, V) float32; present.{i}.decoder.key/value, the same buffers as the past inputs.
@@ -39,15 +44,15 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 from onnxgen.export.builders.gpt2 import ERF_GELUS, TANH_GELUS, _to_numpy
-from onnxgen.export.builders.graph import MS_DOMAIN, GraphBuilder, save_model
+from onnxgen.export.builders.graph import MS_DOMAIN, GraphBuilder, TokenTable, save_model, save_token_table
 from onnxgen.export.errors import ExportError
-from onnxgen.manifest import FUSED_GQA, LAST_LOGITS, STATIC_KV, GraphSpec
+from onnxgen.manifest import FUSED_GQA, LAST_LOGITS, STATIC_KV, TOKEN_LOOKUP, GraphSpec
 
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder_fused.onnx"
 DECODER_FILE = "decoder_fused.onnx"
-OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV)
+OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV, TOKEN_LOOKUP)
 ACTIVATIONS = TANH_GELUS + ERF_GELUS + ("relu", "silu")
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores
 
@@ -144,24 +149,36 @@ def position_bias_table(weight: np.ndarray, bidirectional: bool, num_buckets: in
     return np.ascontiguousarray(weight[relative_position_bucket(positions, bidirectional, num_buckets, max_distance)])
 
 
-def build_t5_graphs(config: Any, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """{"encoder": ModelProto, "decoder": ModelProto} of the layout described in the module docstring."""
+def token_table(state_dict: Mapping[str, Any]) -> np.ndarray:
+    """The (V, D) float32 table the runtime looks tokens up in: `shared`, the encoder's and decoder's embedding."""
+    return T5Weights(state_dict)["shared.weight"]
+
+
+def build_t5_graphs(config: Any, state_dict: Mapping[str, Any], table: TokenTable) -> dict[str, Any]:
+    """{"encoder": ModelProto, "decoder": ModelProto} of the layout described in the module docstring.
+
+    `table` is where :func:`token_table` was saved (`graph.save_token_table`); a tied LM head reads its rows.
+    """
     dims = T5Dims.from_config(config)
     weights = T5Weights(state_dict)
-    return {"encoder": _encoder_graph(dims, weights), "decoder": _decoder_graph(dims, weights)}
+    if table.shape != (dims.vocab_size, dims.hidden_size) or table.dtype != np.float32:
+        raise ExportError(
+            f"the token table is {table.dtype} {table.shape}; these graphs need float32 "
+            f"{(dims.vocab_size, dims.hidden_size)}"
+        )
+    return {"encoder": _encoder_graph(dims, weights), "decoder": _decoder_graph(dims, weights, table)}
 
 
 def _encoder_graph(dims: T5Dims, weights: T5Weights):
     g = GraphBuilder("t5_encoder_fused")
-    input_ids = g.input("input_ids", TensorProto.INT64, ["batch", "encoder_sequence"])
+    x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "encoder_sequence", dims.hidden_size])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch", "encoder_sequence"])
     kv_shape = ["batch", dims.num_heads, "encoder_sequence", dims.head_size]
     outputs = [f"present.{i}.encoder.{kv}" for i in range(dims.decoder_layers) for kv in ("key", "value")]
     for name in outputs:
         g.output(name, TensorProto.FLOAT, kv_shape)
     padding = g.node("Cast", [mask], to=TensorProto.INT32)  # (B, S): MultiHeadAttention's key_padding_mask
-    bias = _encoder_position_bias(g, dims, weights, input_ids)  # (1, N, S, S)
-    x = g.node("Gather", [g.initializer("shared.weight", weights["shared.weight"]), input_ids])
+    bias = _encoder_position_bias(g, dims, weights, x)  # (1, N, S, S)
     normed, residual = _norm(g, weights, x, None, "encoder.block.0.layer.0.layer_norm", dims.epsilon)
     for i in range(dims.encoder_layers):
         p = f"encoder.block.{i}.layer."
@@ -186,11 +203,11 @@ def _encoder_graph(dims: T5Dims, weights: T5Weights):
     return g.model(producer="onnxgen.export.builders.t5")
 
 
-def _encoder_position_bias(g, dims, weights, input_ids):
+def _encoder_position_bias(g, dims, weights, inputs_embeds):
     """(1, N, S, S): table[clip(key - query, -max_distance, max_distance) + max_distance], heads first."""
     weight = weights["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
     table = position_bias_table(weight, True, dims.num_buckets, dims.max_distance)
-    width = g.node("Squeeze", [g.node("Shape", [input_ids], start=1, end=2), g.constant("axes_0", [0], np.int64)])
+    width = g.node("Squeeze", [g.node("Shape", [inputs_embeds], start=1, end=2), g.constant("axes_0", [0], np.int64)])
     positions = g.node("Range", [g.constant("zero_i64", 0, np.int64), width, g.constant("one_i64", 1, np.int64)])
     keys = g.node("Unsqueeze", [positions, g.constant("axes_0b", [0], np.int64)])  # (1, S)
     queries = g.node("Unsqueeze", [positions, g.constant("axes_1", [1], np.int64)])  # (S, 1)
@@ -202,18 +219,16 @@ def _encoder_position_bias(g, dims, weights, input_ids):
     return g.node("Unsqueeze", [g.node("Transpose", [bias], perm=[2, 0, 1]), g.constant("axes_0c", [0], np.int64)])
 
 
-def _decoder_graph(dims: T5Dims, weights: T5Weights):
+def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable):
     g = GraphBuilder("t5_decoder_fused_static_kv")
     buffer = ["batch", dims.num_heads, "max_length", dims.head_size]
     cross = ["batch", dims.num_heads, "encoder_sequence", dims.head_size]
-    input_ids = g.input("input_ids", TensorProto.INT64, ["batch", 1])
+    x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", 1, dims.hidden_size])
     seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch"])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
     padding = g.input("encoder_attention_mask", TensorProto.INT32, ["batch", "encoder_sequence"])
     g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])
     bias = _decoder_position_bias(g, dims, weights, seqlens_k, total)  # (B, N, 1, T)
-    shared = g.initializer("shared.weight", weights["shared.weight"])
-    x = g.node("Gather", [shared, input_ids])  # (B, 1, D)
     normed, residual = _norm(g, weights, x, None, "decoder.block.0.layer.0.layer_norm", dims.epsilon)
     for i in range(dims.decoder_layers):
         p = f"decoder.block.{i}.layer."
@@ -240,9 +255,10 @@ def _decoder_graph(dims: T5Dims, weights: T5Weights):
         following = "decoder.final_layer_norm" if last else f"decoder.block.{i + 1}.layer.0.layer_norm"
         normed, residual = _norm(g, weights, x, residual, following, dims.epsilon, last=last)
     hidden = g.node("Squeeze", [normed, g.constant("axes_1", [1], np.int64)])  # (B, D): one token per row
-    head = shared if dims.tied else g.initializer("lm_head.weight", weights["lm_head.weight"])
-    alpha = dims.hidden_size**-0.5 if dims.tied else 1.0  # T5 rescales before a tied head
-    g.node("Gemm", [hidden, head], ["logits"], transB=1, alpha=alpha)  # (B, D) x (V, D)^T, the matrix not copied
+    if dims.tied:  # T5 rescales by d_model**-0.5 before a tied head
+        g.vocab_projection(hidden, "logits", table=table, alpha=dims.hidden_size**-0.5)
+    else:
+        g.vocab_projection(hidden, "logits", weight=weights["lm_head.weight"])
     return g.model(producer="onnxgen.export.builders.t5")
 
 
@@ -297,11 +313,14 @@ def _activation(g, activation, x):
 
 
 def write_t5(model: Any, output_dir: str | Path, *, external_data_threshold: int = 2 * 1024**3) -> dict[str, GraphSpec]:
-    """Build the graphs of a T5ForConditionalGeneration into ``output_dir``; return {name: spec} for the manifest.
+    """Build the graphs of a T5ForConditionalGeneration into ``output_dir``, its token table beside them
+    (``manifest.TOKEN_EMBEDDINGS_FILE``); return {name: spec} for the manifest.
 
     The manifest that names these graphs must list :data:`OPTIMIZATIONS` so the runtime binds their layout.
     """
-    graphs = build_t5_graphs(model.config, model.state_dict())
+    state_dict = model.state_dict()
+    table = save_token_table(output_dir, token_table(state_dict))
+    graphs = build_t5_graphs(model.config, state_dict, table)
     specs = {}
     for name, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
         onnx_model = graphs[name]

@@ -19,7 +19,7 @@ import numpy as np
 
 from onnxgen.export.errors import ExportError
 from onnxgen.export.verify import SAMPLE_PROMPT, STEPS_WITH_PAST, _session
-from onnxgen.manifest import GraphSpec
+from onnxgen.manifest import TOKEN_EMBEDDINGS_FILE, GraphSpec
 
 
 def verify_static_gpt2(model: Any, tokenizer: Any, directory: Path, graphs: dict[str, GraphSpec], atol: float) -> dict:
@@ -31,6 +31,7 @@ def verify_static_gpt2(model: Any, tokenizer: Any, directory: Path, graphs: dict
     prompts = [ids, ids[: max(1, len(ids) // 2)]]
     session = _session(Path(directory) / graphs["decoder"].file)  # says how to install onnxruntime if missing
     import onnxruntime as ort
+    table = token_table(directory)
     config = model.config
     heads, head_size = config.n_head, config.n_embd // config.n_head
     lengths = np.array([len(p) for p in prompts], dtype=np.int64)
@@ -43,13 +44,13 @@ def verify_static_gpt2(model: Any, tokenizer: Any, directory: Path, graphs: dict
         input_ids[r, : len(prompt)] = prompt
     positions = np.tile(np.arange(width, dtype=np.int64), (len(prompts), 1))
     tokens = [list(p) for p in prompts]
-    logits = _run(session, values, input_ids, positions, lengths - 1, width)
+    logits = _run(session, values, table[input_ids], positions, lengths - 1, width)
     steps = [logits]
     for _ in range(STEPS_WITH_PAST):
         new = logits.argmax(axis=-1)
         for r, token in enumerate(new):
             tokens[r].append(int(token))
-        logits = _run(session, values, new[:, None], lengths[:, None], lengths, int(lengths.max()) + 1)
+        logits = _run(session, values, table[new[:, None]], lengths[:, None], lengths, int(lengths.max()) + 1)
         lengths = lengths + 1
         steps.append(logits)
     diffs = {"logits_first_step": 0.0, "logits_with_past": 0.0}
@@ -97,15 +98,16 @@ def check_static_gpt2_agreement(
     session = _session(Path(directory) / graphs["decoder"].file)
     import onnxruntime as ort
 
+    table = token_table(directory)
     config = model.config
     past = {i.name: i.type for i in session.get_inputs()}["past_key_values.0.key"]
     dtype = np.float16 if past == "tensor(float16)" else np.float32
     shape = (config.n_layer, 2, 1, config.n_head, len(ids), config.n_embd // config.n_head)
     buffers = np.zeros(shape, dtype=dtype)
     values = [ort.OrtValue.ortvalue_from_numpy(buffers[i, k]) for i in range(config.n_layer) for k in range(2)]
-    got = [_run(session, values, np.array([ids[:1]]), np.zeros((1, 1), np.int64), np.zeros(1, np.int64), 1)[0]]
+    got = [_run(session, values, table[[ids[:1]]], np.zeros((1, 1), np.int64), np.zeros(1, np.int64), 1)[0]]
     for position in range(1, len(ids) - 1):
-        token, where = np.array([[ids[position]]]), np.array([[position]])
+        token, where = table[[[ids[position]]]], np.array([[position]])
         got.append(_run(session, values, token, where, np.array([position]), position + 1)[0])
     got = np.stack(got)
     agree = got.argmax(axis=-1) == reference.argmax(axis=-1)
@@ -126,9 +128,14 @@ def check_static_gpt2_agreement(
     }
 
 
-def _run(session, values, input_ids, position_ids, seqlens_k, total: int) -> np.ndarray:
+def token_table(directory: Path) -> np.ndarray:
+    """The (V, D) table the graphs' `inputs_embeds` are rows of, memory-mapped."""
+    return np.load(Path(directory) / TOKEN_EMBEDDINGS_FILE, mmap_mode="r")
+
+
+def _run(session, values, inputs_embeds, position_ids, seqlens_k, total: int) -> np.ndarray:
     binding = session.io_binding()
-    binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+    binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
     binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
     binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
     binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))

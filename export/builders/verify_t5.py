@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxgen.export.builders.verify import _max_diff
+from onnxgen.export.builders.verify import _max_diff, token_table
 from onnxgen.export.errors import ExportError
 from onnxgen.export.verify import SAMPLE_PROMPT, STEPS_WITH_PAST, _session
 from onnxgen.manifest import GraphSpec
@@ -27,6 +27,7 @@ def verify_static_t5(model: Any, tokenizer: Any, directory: Path, graphs: dict[s
     prompts = [ids, ids[: len(ids) // 2]]
     encoder = _session(Path(directory) / graphs["encoder"].file)  # says how to install onnxruntime if missing
     decoder = _session(Path(directory) / graphs["decoder"].file)
+    table = token_table(directory)
     config = model.config
     start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id or 0
     width = max(len(p) for p in prompts)
@@ -36,7 +37,7 @@ def verify_static_t5(model: Any, tokenizer: Any, directory: Path, graphs: dict[s
         input_ids[r, : len(prompt)] = prompt
         mask[r, : len(prompt)] = 1
     cross_names = [o.name for o in encoder.get_outputs()]
-    cross = dict(zip(cross_names, encoder.run(cross_names, {"input_ids": input_ids, "attention_mask": mask})))
+    cross = dict(zip(cross_names, encoder.run(cross_names, {"inputs_embeds": table[input_ids], "attention_mask": mask})))
     layers = len(cross_names) // 2
     shape = (len(prompts), config.num_heads, STEPS_WITH_PAST + 1, config.d_kv)
     buffers = {f"{i}.decoder.{kv}": np.zeros(shape, np.float32) for i in range(layers) for kv in ("key", "value")}
@@ -44,7 +45,7 @@ def verify_static_t5(model: Any, tokenizer: Any, directory: Path, graphs: dict[s
     sequences = [[start] for _ in prompts]
     steps = []
     for position in range(STEPS_WITH_PAST + 1):
-        logits = _step(decoder, buffers, cross, tokens, position, mask.astype(np.int32))
+        logits = _step(decoder, buffers, cross, table[tokens[:, None]], position, mask.astype(np.int32))
         steps.append(logits)
         tokens = logits.argmax(axis=-1)
         for sequence, token in zip(sequences, tokens):
@@ -70,13 +71,13 @@ def verify_static_t5(model: Any, tokenizer: Any, directory: Path, graphs: dict[s
     }
 
 
-def _step(session, buffers, cross, tokens, position: int, mask) -> np.ndarray:
+def _step(session, buffers, cross, inputs_embeds, position: int, mask) -> np.ndarray:
     """One decoder token per row at `position` (every row the same length here); the buffers are written in place."""
     import onnxruntime as ort
 
-    rows = tokens.shape[0]
+    rows = inputs_embeds.shape[0]
     binding = session.io_binding()
-    binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.reshape(rows, 1), dtype=np.int64))
+    binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds))
     binding.bind_cpu_input("seqlens_k", np.full(rows, position, dtype=np.int32))
     binding.bind_cpu_input("total_sequence_length", np.array(position + 1, dtype=np.int32))
     binding.bind_cpu_input("encoder_attention_mask", mask)

@@ -8,7 +8,8 @@ nothing is reallocated or copied between steps. Rows are right-padded: row r hol
 
 The capacity grows in chunks of :data:`KV_CHUNK` positions (up to the model's ``max_positions``) when a row
 would outgrow it; the copy that costs happens once per chunk. The step's small inputs and the logits are
-preallocated arrays bound once and updated in place, so a step is four small writes and one `run`.
+preallocated arrays bound once and updated in place, so a step is four small writes and one `run`. The graph
+takes the new tokens' embedding rows, looked up here in the memory-mapped token table (`token_table`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .base import Prefill
 from .buffers import move_rows
 from .decoder_only import Gpt2Session
 from .session import import_onnxruntime, prefill_run_options
+from .token_table import check_token_ids, load_token_table
 
 KV_CHUNK = 128  # positions added to the buffers at a time
 
@@ -42,8 +44,10 @@ class StaticDecoderModel(Gpt2Session):
         layers = range(self.num_layers)  # (past input, present output) per layer, key then value
         self.buffer_names = [(f"past_key_values.{i}.{kv}", f"present.{i}.{kv}") for i in layers for kv in ("key", "value")]
         # float32, or float16 for a graph built at fp16 precision (int8 graphs keep float32 keys/values).
-        past = {i.name: i.type for i in self.session.get_inputs()}[self.buffer_names[0][0]]
-        self.kv_dtype = np.dtype(np.float16 if past == "tensor(float16)" else np.float32)
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        self.kv_dtype = np.dtype(np.float16 if types[self.buffer_names[0][0]] == "tensor(float16)" else np.float32)
+        embeds_dtype = np.dtype(np.float16 if types["inputs_embeds"] == "tensor(float16)" else np.float32)
+        self.token_table = load_token_table(directory, manifest, embeds_dtype)
 
     def prefill(self, prompts: list[list[int]]) -> Prefill:
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
@@ -56,6 +60,7 @@ class StaticDecoderModel(Gpt2Session):
         for r, prompt in enumerate(prompts):
             input_ids[r, : len(prompt)] = prompt
             history[r, width - len(prompt) :] = prompt
+        check_token_ids(input_ids, self.vocab_size)
         state = StaticDecoderState(self, self.new_buffer(rows, self.capacity_for(width)), lengths)
         logits = state.run_prompt(input_ids)
         return Prefill(state=state, logits=logits, history=history, prompt_lengths=lengths.copy())
@@ -82,7 +87,7 @@ class _StepIO:
     """The binding of a one-token step and the arrays behind its inputs and logits, updated in place."""
 
     binding: object
-    input_ids: np.ndarray  # (R, 1) int64
+    inputs_embeds: np.ndarray  # (R, 1, D) the graph's float type
     position_ids: np.ndarray  # (R, 1) int64
     seqlens_k: np.ndarray  # (R,) int32
     total: np.ndarray  # () int32
@@ -108,9 +113,8 @@ class StaticDecoderState:
     def run_prompt(self, input_ids: np.ndarray) -> np.ndarray:
         """Every row starts empty; input_ids (R, S) right-padded. Returns each row's last-position logits."""
         rows, width = input_ids.shape
-        io = self._bind(
-            input_ids, np.tile(np.arange(width, dtype=np.int64), (rows, 1)), (self.lengths - 1).astype(np.int32), width
-        )
+        positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
+        io = self._bind(self.model.token_table[input_ids], positions, (self.lengths - 1).astype(np.int32), width)
         self.model.session.run_with_iobinding(io.binding, prefill_run_options())
         return io.logits
 
@@ -120,10 +124,12 @@ class StaticDecoderState:
         io = self._io
         if io is None:
             rows = self.num_rows
+            table = self.model.token_table
             io = self._io = self._bind(
-                np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64), np.zeros(rows, np.int32), 0
+                np.zeros((rows, 1, table.shape[1]), table.dtype), np.zeros((rows, 1), np.int64),
+                np.zeros(rows, np.int32), 0,
             )
-        io.input_ids[:, 0] = token_ids
+        io.inputs_embeds[:, 0] = self.model.token_table[token_ids]
         io.position_ids[:, 0] = self.lengths  # the new token's position is the count of tokens before it
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1
         io.total[...] = self.lengths.max() + 1
@@ -172,15 +178,15 @@ class StaticDecoderState:
         self.kv = kv
         self._io = None
 
-    def _bind(self, input_ids, position_ids, seqlens_k, total: int) -> _StepIO:
+    def _bind(self, inputs_embeds, position_ids, seqlens_k, total: int) -> _StepIO:
         ort = self.model.ort
         rows = self.num_rows
         binding = self.model.session.io_binding()
         io = _StepIO(
-            binding, input_ids, position_ids, seqlens_k, np.array(total, dtype=np.int32),
+            binding, inputs_embeds, position_ids, seqlens_k, np.array(total, dtype=np.int32),
             np.zeros((rows, self.model.vocab_size), dtype=np.float32),
         )
-        for name in ("input_ids", "position_ids", "seqlens_k", "total"):
+        for name in ("inputs_embeds", "position_ids", "seqlens_k", "total"):
             value = ort.OrtValue.ortvalue_from_numpy(getattr(io, name))  # CPU: wraps the array, no copy
             io.values.append(value)
             binding.bind_ortvalue_input("total_sequence_length" if name == "total" else name, value)

@@ -9,7 +9,8 @@ A batch owns three arrays, each with rows on one axis so that beams are reordere
     mask   (rows allocated, encoder width) int32                          the encoder's padding, 1 = token
 
 Views of the first R rows are bound once as inputs (and, for `kv`, as outputs too) along with the step's small
-inputs and the logits, which are updated in place; a step is four small writes and one `run`. Every row of one
+inputs and the logits, which are updated in place; a step is four small writes and one `run`. Both graphs take
+embedding rows, looked up here in the memory-mapped token table (`token_table`). Every row of one
 prefill holds the same number of decoder tokens, but rows taken in by `extend` may not: each row's position is
 its own `seqlens_k`, and GroupQueryAttention attends to 0 .. seqlens_k[b] only.
 
@@ -29,6 +30,7 @@ from .base import Prefill
 from .buffers import move_rows
 from .encoder_decoder import special_token_ids
 from .session import create_session, import_onnxruntime, prefill_run_options
+from .token_table import check_token_ids, load_token_table
 
 KV_CHUNK = 128  # decoder positions added to the self-attention buffers at a time
 
@@ -56,6 +58,7 @@ class StaticEncoderDecoderModel:
         self.num_heads = manifest.num_heads
         self.head_size = manifest.head_size
         self.vocab_size = manifest.vocab_size
+        self.token_table = load_token_table(directory, manifest, np.dtype(np.float32))
         self.eos_token_ids, self.pad_token_id, self.decoder_start_token_id = special_token_ids(manifest)
         layers = range(self.num_layers)
         self.kv_names = [f"{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]  # after past_key_values.
@@ -71,6 +74,7 @@ class StaticEncoderDecoderModel:
         for r, prompt in enumerate(prompts):
             input_ids[r, : len(prompt)] = prompt
             mask[r, : len(prompt)] = 1
+        check_token_ids(input_ids, self.vocab_size)
         cross = self.encode(input_ids, mask)
         state = StaticEncoderDecoderState(self, self.new_buffer(rows, KV_CHUNK), cross, mask.astype(np.int32))
         start = np.full((rows, 1), self.decoder_start_token_id, dtype=np.int64)
@@ -82,7 +86,7 @@ class StaticEncoderDecoderModel:
         rows, width = input_ids.shape
         cross = np.empty((self.num_layers, 2, rows, self.num_heads, width, self.head_size), dtype=np.float32)
         binding = self.sessions["encoder"].io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("inputs_embeds", self.token_table[input_ids])
         binding.bind_cpu_input("attention_mask", mask)
         values = [self.ort.OrtValue.ortvalue_from_numpy(cross[i, k]) for i in range(self.num_layers) for k in range(2)]
         for name, value in zip(self.cross_names, values):
@@ -100,7 +104,7 @@ class _StepIO:
     """The binding of a step and the arrays behind its small inputs and its logits, updated in place."""
 
     binding: object
-    input_ids: np.ndarray  # (R, 1) int64
+    inputs_embeds: np.ndarray  # (R, 1, D) float32
     seqlens_k: np.ndarray  # (R,) int32
     total: np.ndarray  # () int32
     logits: np.ndarray  # (R, V) float32
@@ -131,7 +135,7 @@ class StaticEncoderDecoderState:
         """Append one decoder token per row ((R,) int64); return the next-token logits (R, V)."""
         self._reserve(int(self.lengths.max()) + 1)
         io = self._io = self._io or self._bind()
-        io.input_ids[:, 0] = token_ids
+        io.inputs_embeds[:, 0] = self.model.token_table[token_ids]
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1: the new token's position
         io.total[...] = self.lengths.max() + 1
         self.model.sessions["decoder"].run_with_iobinding(io.binding)
@@ -196,7 +200,8 @@ class StaticEncoderDecoderState:
         ort = model.ort
         binding = model.sessions["decoder"].io_binding()
         io = _StepIO(
-            binding, np.zeros((rows, 1), np.int64), np.zeros(rows, np.int32), np.zeros((), np.int32),
+            binding, np.zeros((rows, 1, model.token_table.shape[1]), np.float32), np.zeros(rows, np.int32),
+            np.zeros((), np.int32),
             np.zeros((rows, model.vocab_size), dtype=np.float32),
         )
 
@@ -206,7 +211,7 @@ class StaticEncoderDecoderState:
             binding.bind_ortvalue_input(name, value)
             return value
 
-        bind_input("input_ids", io.input_ids)
+        bind_input("inputs_embeds", io.inputs_embeds)
         bind_input("seqlens_k", io.seqlens_k)
         bind_input("total_sequence_length", io.total)
         bind_input("encoder_attention_mask", self.mask[:rows])
