@@ -25,9 +25,9 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "t5")
 FUSED_GQA = "fused-gqa"  # SkipLayerNormalization, FastGelu, packed QKV into GroupQueryAttention
 LAST_LOGITS = "last-logits"  # logits (batch, vocab) of each row's last valid position only
 STATIC_KV = "static-kv"  # past_key_values.* (batch, heads, max_length, head_size) are written in place
-# The graphs take `inputs_embeds` (batch, sequence, hidden) instead of `input_ids`: the runtime looks tokens up in
-# TOKEN_EMBEDDINGS_FILE, a (vocab, hidden) .npy it memory-maps, so only the rows it reads are in memory, and a tied
-# LM head reads the same file, packed once by onnxruntime, instead of holding the table twice.
+# The graphs take `inputs_embeds` (batch, sequence, hidden) instead of `input_ids`: the runtime reads the rows it
+# needs from TOKEN_EMBEDDINGS_FILE, a (vocab, hidden) .npy, so no session holds the table for a lookup, and a tied
+# LM head reads the same file, packed once by onnxruntime, instead of the table being held twice.
 TOKEN_LOOKUP = "runtime-token-lookup"
 TOKEN_EMBEDDINGS_FILE = "token_embeddings.npy"
 

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 
 import tiny_models  # noqa: E402
+from test_builder_gpt2 import check_rows_are_read_not_mapped  # noqa: E402
 from test_parity import T5_PROMPTS, HFReference, _check_ids_and_text  # noqa: E402
 
 from onnxgen import TextGeneration  # noqa: E402
@@ -127,9 +128,9 @@ def test_the_graphs_are_made_of_fused_operators_and_take_embeddings(static_dir, 
     assert "FastGelu" in {node.op_type for node in gated.node}
 
 
-def test_one_mapped_table_serves_both_sessions(static_dir):
+def test_one_table_file_serves_both_sessions(static_dir):
     model = load_model(load_manifest(static_dir), static_dir, "cpu")
-    assert isinstance(model.token_table, np.memmap) and not model.token_table.flags.writeable
+    check_rows_are_read_not_mapped(model, static_dir)
     with pytest.raises(ValueError, match=f"token id {model.vocab_size} is outside"):
         model.prefill([[5, 6, model.vocab_size]])
 

@@ -9,7 +9,7 @@ nothing is reallocated or copied between steps. Rows are right-padded: row r hol
 The capacity grows in chunks of :data:`KV_CHUNK` positions (up to the model's ``max_positions``) when a row
 would outgrow it; the copy that costs happens once per chunk. The step's small inputs and the logits are
 preallocated arrays bound once and updated in place, so a step is four small writes and one `run`. The graph
-takes the new tokens' embedding rows, looked up here in the memory-mapped token table (`token_table`).
+takes the new tokens' embedding rows, read here from the token table file (`token_table`).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class StaticDecoderState:
                 np.zeros((rows, 1, table.shape[1]), table.dtype), np.zeros((rows, 1), np.int64),
                 np.zeros(rows, np.int32), 0,
             )
-        io.inputs_embeds[:, 0] = self.model.token_table[token_ids]
+        self.model.token_table.lookup(token_ids, out=io.inputs_embeds[:, 0])
         io.position_ids[:, 0] = self.lengths  # the new token's position is the count of tokens before it
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1
         io.total[...] = self.lengths.max() + 1

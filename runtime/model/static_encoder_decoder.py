@@ -10,7 +10,7 @@ A batch owns three arrays, each with rows on one axis so that beams are reordere
 
 Views of the first R rows are bound once as inputs (and, for `kv`, as outputs too) along with the step's small
 inputs and the logits, which are updated in place; a step is four small writes and one `run`. Both graphs take
-embedding rows, looked up here in the memory-mapped token table (`token_table`). Every row of one
+embedding rows, read here from the token table file (`token_table`). Every row of one
 prefill holds the same number of decoder tokens, but rows taken in by `extend` may not: each row's position is
 its own `seqlens_k`, and GroupQueryAttention attends to 0 .. seqlens_k[b] only.
 
@@ -135,7 +135,7 @@ class StaticEncoderDecoderState:
         """Append one decoder token per row ((R,) int64); return the next-token logits (R, V)."""
         self._reserve(int(self.lengths.max()) + 1)
         io = self._io = self._io or self._bind()
-        io.inputs_embeds[:, 0] = self.model.token_table[token_ids]
+        self.model.token_table.lookup(token_ids, out=io.inputs_embeds[:, 0])
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1: the new token's position
         io.total[...] = self.lengths.max() + 1
         self.model.sessions["decoder"].run_with_iobinding(io.binding)

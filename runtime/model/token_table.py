@@ -1,12 +1,15 @@
 """The token lookup of the static layouts (`manifest.TOKEN_LOOKUP`): their graphs take embeddings, not ids.
 
-The (vocab, hidden) table is memory-mapped, so a process holds only the pages of the rows it has read (a few
-hundred tokens' worth) instead of the whole table, and the graphs' tied LM head, which reads the same file, is
-the only full copy (onnxruntime's packed one).
+The (vocab, hidden) table stays in its .npy file and each lookup reads just the rows it needs (`os.preadv`
+straight into the destination array). The graphs' tied LM head, which reads the same file, is then the only full
+copy in the process (onnxruntime's packed one). Memory-mapping the table instead was measured to cost ~1 MB of
+resident memory per distinct token on Linux (the kernel maps whole large folios around each fault, MADV_RANDOM
+or not): +68 MB after one 96-token GPT-2 generation, and growing. A read is ~2 µs per row.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,62 @@ import numpy as np
 from ..manifest import TOKEN_EMBEDDINGS_FILE, Manifest, ManifestError
 
 
-def load_token_table(directory: Path, manifest: Manifest, dtype: np.dtype) -> np.ndarray:
-    """The directory's table, mapped read-only; its shape and dtype must be what the graphs take."""
+class TokenTable:
+    """Rows of a (vocab, hidden) .npy table, read on demand; `table[ids]` -> ids.shape + (hidden,)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f".npy format version {version} is not supported (1.0 and 2.0 are)")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(file)
+            self.offset = file.tell()
+        if len(shape) != 2 or fortran_order or dtype.hasobject:
+            raise ValueError(f"expected a C-ordered 2-D numeric table, got shape {shape} ({dtype})")
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        expected = self.offset + self.shape[0] * self.row_bytes
+        if os.path.getsize(self.path) < expected:
+            raise ValueError(f"the file is shorter than its header says ({expected} bytes)")
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # Windows has no positional reads: a read-only map there, resident pages and all.
+        self._mapped = None if hasattr(os, "preadv") else np.load(self.path, mmap_mode="r")
+
+    def lookup(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows of `ids` (any shape, values in range), into `out` (ids.shape + (hidden,)) when given."""
+        ids = np.asarray(ids)
+        if out is None:
+            out = np.empty(ids.shape + (self.shape[1],), dtype=self.dtype)
+        if self._mapped is not None:
+            out[...] = self._mapped[ids]
+            return out
+        rows = out.reshape(-1, self.shape[1])  # a view when `out` is C-contiguous over its rows
+        if not np.shares_memory(rows, out):
+            raise ValueError("lookup needs an output whose rows are contiguous")
+        for row, token in zip(rows, ids.reshape(-1).tolist()):
+            os.preadv(self._fd, [row], self.offset + token * self.row_bytes)
+        return out
+
+    def __getitem__(self, ids) -> np.ndarray:
+        return self.lookup(np.asarray(ids))
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+
+def load_token_table(directory: Path, manifest: Manifest, dtype: np.dtype) -> TokenTable:
+    """The directory's table; its shape and dtype must be what the graphs take."""
     path = Path(directory) / TOKEN_EMBEDDINGS_FILE
     try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
+        table = TokenTable(path)
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{path}: not a readable .npy token table ({exc})") from None
     expected = (manifest.vocab_size, manifest.hidden_size)
@@ -31,7 +85,7 @@ def load_token_table(directory: Path, manifest: Manifest, dtype: np.dtype) -> np
 
 
 def check_token_ids(ids: np.ndarray, vocab_size: int) -> None:
-    """A prompt's ids index the table; numpy would wrap a negative one around instead of failing."""
+    """A prompt's ids index the table; a read outside it would return another row or fail obscurely."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
         raise ValueError(f"token id {bad} is outside the model's vocabulary of {vocab_size} ids (0 .. {vocab_size - 1})")
