@@ -54,6 +54,8 @@ class _Cohort:
         self.state = prefill.state
         self.state.select(rows)
         self.logits = prefill.logits[rows]
+        # log_softmax(logits) when the graph computes it (the static layouts); else computed here where needed
+        self.logprobs = None if prefill.logprobs is None else prefill.logprobs[rows]
         self.history = prefill.history[rows]
         self.is_beam_row = np.repeat([p.is_beam_search for p in plans], counts)
         self.chain = LogitsChain(RowParams.concat(row_params))
@@ -74,6 +76,8 @@ class _Cohort:
         width = max(self.history.shape[1], other.history.shape[1])
         self.history = np.concatenate([_pad_left(self.history, width), _pad_left(other.history, width)])
         self.logits = np.concatenate([self.logits, other.logits])
+        both = self.logprobs is not None and other.logprobs is not None
+        self.logprobs = np.concatenate([self.logprobs, other.logprobs]) if both else None
         self.is_beam_row = np.concatenate([self.is_beam_row, other.is_beam_row])
         self.chain = LogitsChain(RowParams.concat([self.chain.params, other.chain.params]))
         self.rows.update(other.rows)
@@ -82,11 +86,12 @@ class _Cohort:
         # Beam search ranks by log-probabilities, as transformers does; the processors edit a copy of the logits,
         # which `advance` still needs for the log-probabilities it reports.
         if self.is_beam_row.all():
-            scores = log_softmax(self.logits)  # a new array: no copy needed
+            scores = log_softmax(self.logits) if self.logprobs is None else self.logprobs.copy()
         else:
             scores = self.logits.copy()
             if self.is_beam_row.any():
-                scores[self.is_beam_row] = log_softmax(scores[self.is_beam_row])
+                beams = self.is_beam_row
+                scores[beams] = log_softmax(scores[beams]) if self.logprobs is None else self.logprobs[beams]
         eos_mask = np.concatenate([self._suppress_eos(self._live(h), n) for h, n in self.rows.items()])
         scores = self.chain(self.history, scores, eos_mask, eos_ids)
         events, keep, tokens, offset = [], [], [], 0
@@ -94,7 +99,8 @@ class _Cohort:
             entry = self._live(handle)
             if n and entry is not None:
                 rows = slice(offset, offset + n)
-                entry.search.advance(scores[rows], self.logits[rows])
+                logprobs = None if self.logprobs is None else self.logprobs[rows]
+                entry.search.advance(scores[rows], self.logits[rows], logprobs)
                 events.extend(events_of(handle, entry))
                 parents, next_tokens = entry.search.next_rows()
                 keep.append(parents + offset)
@@ -124,6 +130,7 @@ class _Cohort:
             self.chain = self.chain.take(keep)
         self.history = np.concatenate([self.history, tokens[:, None]], axis=1)
         self.logits = self.state.step(tokens)
+        self.logprobs = getattr(self.state, "logprobs", None)
 
 
 class Generator:
@@ -207,7 +214,8 @@ class Generator:
             for handle, rows in cohort.rows.items():
                 entry, k = cohort._live(handle), wanted.get(handle)
                 if k and rows and entry is not None and isinstance(entry.search, SamplingSearch):
-                    logprobs = log_softmax(cohort.logits[offset : offset + rows])
+                    block = slice(offset, offset + rows)
+                    logprobs = log_softmax(cohort.logits[block]) if cohort.logprobs is None else cohort.logprobs[block]
                     k = min(k, logprobs.shape[1])
                     top = np.argpartition(-logprobs, k - 1, axis=1)[:, :k]
                     for row, seq in enumerate(entry.search.live):

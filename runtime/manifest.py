@@ -23,7 +23,7 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "t5")
 # present, fed by per-row lengths instead of an attention mask, returning only the last position's logits; T5's
 # encoder graph also writes the cross-attention keys/values, and its decoder graph runs the start token too).
 FUSED_GQA = "fused-gqa"  # SkipLayerNormalization, FastGelu, packed QKV into GroupQueryAttention
-LAST_LOGITS = "last-logits"  # logits (batch, vocab) of each row's last valid position only
+LAST_LOGITS = "last-logits"  # logits (batch, vocab) of each row's last valid position only, and their log_softmax
 STATIC_KV = "static-kv"  # past_key_values.* (batch, heads, max_length, head_size) are written in place
 # The graphs take `inputs_embeds` (batch, sequence, hidden) instead of `input_ids`: the runtime reads the rows it
 # needs from TOKEN_EMBEDDINGS_FILE, a (vocab, hidden) .npy, so no session holds the table for a lookup, and a tied
@@ -167,7 +167,7 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
         present = {f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")}
         if manifest.has_static_kv:
             lengths = {"inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"}
-            return {"decoder": (lengths | past, {"logits"} | present)}
+            return {"decoder": (lengths | past, {"logits", "logprobs"} | present)}
         return {"decoder": ({"input_ids", "attention_mask", "position_ids"} | past, {"logits"} | present)}
     self_past = {f"past_key_values.{i}.decoder.{kv}" for i in range(n) for kv in ("key", "value")}
     cross_past = {f"past_key_values.{i}.encoder.{kv}" for i in range(n) for kv in ("key", "value")}
@@ -177,7 +177,7 @@ def expected_io(manifest: Manifest) -> dict[str, tuple[set[str], set[str]]]:
         lengths = {"inputs_embeds", "encoder_attention_mask", "seqlens_k", "total_sequence_length"}
         return {
             "encoder": ({"inputs_embeds", "attention_mask"}, cross_present),
-            "decoder": (lengths | self_past | cross_past, {"logits"} | self_present),
+            "decoder": (lengths | self_past | cross_past, {"logits", "logprobs"} | self_present),
         }
     return {
         "encoder": ({"input_ids", "attention_mask"}, {"last_hidden_state"}),

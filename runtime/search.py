@@ -54,11 +54,15 @@ class SamplingSearch:
         generated = np.array([len(self.tokens[s]) for s in self.live])
         return generated < self.min_new
 
-    def advance(self, scores: np.ndarray, logits: np.ndarray) -> None:
+    def advance(self, scores: np.ndarray, logits: np.ndarray, logprobs: np.ndarray | None = None) -> None:
         """Pick one token per live row from processed `scores` (R, V); finish rows on EOS or length.
-        Log-probs are reported under the model's own distribution (`logits`), before any processor."""
+        Log-probs are reported under the model's own distribution (`logits`, or their log_softmax `logprobs`
+        where the model computed it), before any processor."""
         tokens = sample(scores, [self.rngs[s] for s in self.live]) if self.do_sample else greedy(scores)
-        logprobs = token_logprobs(logits, tokens)
+        if logprobs is None:
+            logprobs = token_logprobs(logits, tokens)
+        else:
+            logprobs = logprobs[np.arange(tokens.shape[0]), tokens]
         self.stepped = list(self.live)  # the sequence behind each row of this step
         for row, seq in enumerate(self.stepped):
             self.tokens[seq].append(int(tokens[row]))
@@ -119,7 +123,7 @@ class BeamGroupSearch:
     def suppress_eos(self) -> np.ndarray:
         return np.full(self.beams.num_beams, self.beams.generated < self.min_new)
 
-    def advance(self, scores: np.ndarray, logits: np.ndarray) -> None:
+    def advance(self, scores: np.ndarray, logits: np.ndarray, logprobs: np.ndarray | None = None) -> None:
         self._parents, self._tokens = self.beams.advance(scores)
 
     def next_rows(self) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from onnxgen import TextGeneration  # noqa: E402
 from onnxgen.export.builders import GPT2_OPTIMIZATIONS, write_gpt2  # noqa: E402
 from onnxgen.export.builders.verify import verify_static_gpt2  # noqa: E402
 from onnxgen.generator import Generator  # noqa: E402
+from onnxgen.processors import log_softmax  # noqa: E402
 from onnxgen.export.builders import graph as graph_module  # noqa: E402
 from onnxgen.manifest import STATIC_KV, TOKEN_EMBEDDINGS_FILE, ManifestError, expected_io, load_manifest  # noqa: E402
 from onnxgen.model import load_model  # noqa: E402
@@ -116,7 +117,7 @@ def test_a_head_too_big_for_one_chunk_is_split_without_changing_logits(hf_model,
     chunked = shutil.copytree(static_dir, tmp_path / "chunked")
     write_gpt2(hf_model, chunked)
     graph = _graph(chunked)
-    assert [node.op_type for node in graph.node][-4:] == ["Gemm", "Gemm", "Gemm", "Concat"]
+    assert [node.op_type for node in graph.node][-5:] == ["Gemm", "Gemm", "Gemm", "Concat", "LogSoftmax"]
     np.testing.assert_array_equal(
         np.concatenate(head_chunks(chunked, graph)), np.load(static_dir / TOKEN_EMBEDDINGS_FILE)
     )
@@ -124,6 +125,21 @@ def test_a_head_too_big_for_one_chunk_is_split_without_changing_logits(hf_model,
     a, b = whole.prefill(PROMPTS), split.prefill(PROMPTS)
     np.testing.assert_allclose(b.logits, a.logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(b.state.step(np.array([1, 2, 3])), a.state.step(np.array([1, 2, 3])), atol=1e-5, rtol=0)
+
+
+def test_the_graph_returns_log_softmax_and_the_reported_logprobs_are_the_dynamic_paths(pair):
+    dynamic, static = pair
+    prefill = static.model.prefill(PROMPTS)
+    np.testing.assert_allclose(prefill.logprobs, log_softmax(prefill.logits), atol=1e-5, rtol=0)
+    logits = prefill.state.step(np.array([1, 2, 3]))
+    np.testing.assert_allclose(prefill.state.logprobs, log_softmax(logits), atol=1e-5, rtol=0)
+    for kwargs in (dict(do_sample=False), dict(do_sample=True, seed=4, num_generations=2)):
+        a, b = (tg(GPT2_PROMPTS, max_new_tokens=8, return_details=True, **kwargs) for tg in (dynamic, static))
+        flat = [[g for item in out for g in (item if isinstance(item, list) else [item])] for out in (a, b)]
+        assert len(flat[0]) == len(flat[1]) == len(GPT2_PROMPTS) * kwargs.get("num_generations", 1)
+        for x, y in zip(*flat):
+            assert x.token_ids == y.token_ids
+            np.testing.assert_allclose(y.logprobs, x.logprobs, atol=1e-4, rtol=0)
 
 
 def check_rows_are_read_not_mapped(model, directory: Path) -> None:

@@ -22,7 +22,8 @@ Inputs: inputs_embeds (B, S, D) of the graph's float type = wte[input_ids]; posi
 seqlens_k (B,) int32 = tokens in the row after this
 call - 1; total_sequence_length () int32 = S for a prompt (every row starts empty), max(seqlens_k) + 1 for a step
 of one token; past_key_values.{i}.key/value (B, N, max_length, H) of the graph's float type.
-Outputs: logits (B, V) float32; present.{i}.key/value, the same buffers.
+Outputs: logits (B, V) float32; logprobs (B, V) float32 = log_softmax(logits) (``graph.GraphBuilder.log_softmax``);
+present.{i}.key/value, the same buffers.
 
 Precisions (:data:`PRECISIONS`):
 
@@ -230,6 +231,7 @@ def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any], table: TokenTab
     seqlens_k = g.input("seqlens_k", TensorProto.INT32, ["batch"])
     total = g.input("total_sequence_length", TensorProto.INT32, [])
     g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])  # first, as optimum's graph has it
+    g.output("logprobs", TensorProto.FLOAT, ["batch", dims.vocab_size])
     positions = g.node("Gather", [w.weight("wpe.weight"), position_ids])
     x, residual = inputs_embeds, positions  # (B, S, D); the first SkipLayerNormalization adds them
     bias = ""  # what the previous sublayer's output still lacks (its projection's bias)
@@ -264,6 +266,7 @@ def build_gpt2_graph(config: Any, state_dict: Mapping[str, Any], table: TokenTab
             g.vocab_projection(last, out, weight=weights.lm_head.astype(w.float_dtype))
         if precision == "fp16":
             g.node("Cast", [out], ["logits"], to=TensorProto.FLOAT)
+    g.log_softmax("logits", "logprobs")
     return g.model(producer="onnxgen.export.builders.gpt2")
 
 

@@ -29,7 +29,7 @@ Encoder inputs: inputs_embeds (B, S, D) float32 = shared[input_ids]; attention_m
 Decoder inputs: inputs_embeds (B, 1, D) float32; seqlens_k (B,) int32 = decoder tokens in the row after this call - 1;
 total_sequence_length () int32 = max(seqlens_k) + 1; encoder_attention_mask (B, S) int32;
 past_key_values.{i}.decoder.key/value (B, N, capacity, H); past_key_values.{i}.encoder.key/value (B, N, S, H).
-Outputs: logits (B, V) float32; present.{i}.decoder.key/value, the same buffers as the past inputs.
+Outputs: logits (B, V) float32; logprobs (B, V) float32 = log_softmax(logits); present.{i}.decoder.key/value, the same buffers as the past inputs.
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable):
     total = g.input("total_sequence_length", TensorProto.INT32, [])
     padding = g.input("encoder_attention_mask", TensorProto.INT32, ["batch", "encoder_sequence"])
     g.output("logits", TensorProto.FLOAT, ["batch", dims.vocab_size])
+    g.output("logprobs", TensorProto.FLOAT, ["batch", dims.vocab_size])
     bias = _decoder_position_bias(g, dims, weights, seqlens_k, total)  # (B, N, 1, T)
     normed, residual = _norm(g, weights, x, None, "decoder.block.0.layer.0.layer_norm", dims.epsilon)
     for i in range(dims.decoder_layers):
@@ -259,6 +260,7 @@ def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable):
         g.vocab_projection(hidden, "logits", table=table, alpha=dims.hidden_size**-0.5)
     else:
         g.vocab_projection(hidden, "logits", weight=weights["lm_head.weight"])
+    g.log_softmax("logits", "logprobs")
     return g.model(producer="onnxgen.export.builders.t5")
 
 

@@ -25,6 +25,9 @@ class ModelState(Protocol):
         """Keep rows `rows` ((R',) int64, repeats allowed) in that order: beam reordering, expanding a prompt
         into several sequences, and dropping finished rows are all this one gather."""
 
+    # Optional: a state whose graph also computes log_softmax of the logits sets `logprobs` (R, V) float32 to that
+    # of the logits the last `step` returned; the generator computes what it needs from the logits otherwise.
+
 
 @dataclass
 class Prefill:
@@ -32,6 +35,7 @@ class Prefill:
     logits: np.ndarray  # (R, V) float32: next-token logits after each prompt
     history: np.ndarray  # (R, L) int64: what transformers' processors see as input_ids (left-padded)
     prompt_lengths: np.ndarray  # (R,) int64: what max_length/min_length count (GPT-2: prompt; T5: 1)
+    logprobs: np.ndarray | None = None  # (R, V) log_softmax(logits), where the graph computes it
 
 
 class LanguageModel(Protocol):

@@ -62,8 +62,8 @@ class StaticDecoderModel(Gpt2Session):
             history[r, width - len(prompt) :] = prompt
         check_token_ids(input_ids, self.vocab_size)
         state = StaticDecoderState(self, self.new_buffer(rows, self.capacity_for(width)), lengths)
-        logits = state.run_prompt(input_ids)
-        return Prefill(state=state, logits=logits, history=history, prompt_lengths=lengths.copy())
+        logits, logprobs = state.run_prompt(input_ids)
+        return Prefill(state, logits, history, prompt_lengths=lengths.copy(), logprobs=logprobs)
 
     def capacity_for(self, positions: int) -> int:
         """Buffer length for `positions` tokens: the next multiple of KV_CHUNK, at most max_positions."""
@@ -92,6 +92,7 @@ class _StepIO:
     seqlens_k: np.ndarray  # (R,) int32
     total: np.ndarray  # () int32
     logits: np.ndarray  # (R, V) float32
+    logprobs: np.ndarray  # (R, V) float32
     values: list = field(default_factory=list)  # the OrtValues, kept alive with the arrays they wrap
 
 
@@ -101,6 +102,7 @@ class StaticDecoderState:
         self.kv = kv  # (L, 2, rows allocated >= R, H, capacity, D)
         self.lengths = lengths.astype(np.int64)  # (R,) tokens held by each row
         self._io: _StepIO | None = None  # rebuilt when the rows or the buffer change
+        self.logprobs: np.ndarray | None = None  # log_softmax of the logits the last step returned
 
     @property
     def num_rows(self) -> int:
@@ -110,13 +112,14 @@ class StaticDecoderState:
     def capacity(self) -> int:
         return self.kv.shape[4]
 
-    def run_prompt(self, input_ids: np.ndarray) -> np.ndarray:
-        """Every row starts empty; input_ids (R, S) right-padded. Returns each row's last-position logits."""
+    def run_prompt(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row starts empty; input_ids (R, S) right-padded. Returns each row's last-position logits and
+        their log_softmax."""
         rows, width = input_ids.shape
         positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
         io = self._bind(self.model.token_table[input_ids], positions, (self.lengths - 1).astype(np.int32), width)
         self.model.session.run_with_iobinding(io.binding, prefill_run_options())
-        return io.logits
+        return io.logits, io.logprobs
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         """Append one token per row ((R,) int64); return the next-token logits (R, V)."""
@@ -135,7 +138,8 @@ class StaticDecoderState:
         io.total[...] = self.lengths.max() + 1
         self.model.session.run_with_iobinding(io.binding)
         self.lengths += 1
-        return io.logits.copy()  # the next step overwrites io.logits
+        self.logprobs = io.logprobs.copy()  # the next step overwrites both
+        return io.logits.copy()
 
     def select(self, rows: np.ndarray) -> None:
         """Keep rows `rows` in that order; only rows whose source changes are copied, and only their used prefix."""
@@ -185,14 +189,16 @@ class StaticDecoderState:
         io = _StepIO(
             binding, inputs_embeds, position_ids, seqlens_k, np.array(total, dtype=np.int32),
             np.zeros((rows, self.model.vocab_size), dtype=np.float32),
+            np.zeros((rows, self.model.vocab_size), dtype=np.float32),
         )
         for name in ("inputs_embeds", "position_ids", "seqlens_k", "total"):
             value = ort.OrtValue.ortvalue_from_numpy(getattr(io, name))  # CPU: wraps the array, no copy
             io.values.append(value)
             binding.bind_ortvalue_input("total_sequence_length" if name == "total" else name, value)
-        logits = ort.OrtValue.ortvalue_from_numpy(io.logits)
-        io.values.append(logits)
-        binding.bind_ortvalue_output("logits", logits)
+        for name in ("logits", "logprobs"):
+            value = ort.OrtValue.ortvalue_from_numpy(getattr(io, name))
+            io.values.append(value)
+            binding.bind_ortvalue_output(name, value)
         for layer in range(self.model.num_layers):
             for kind in range(2):
                 value = ort.OrtValue.ortvalue_from_numpy(self.kv[layer, kind, :rows])

@@ -79,7 +79,7 @@ class StaticEncoderDecoderModel:
         state = StaticEncoderDecoderState(self, self.new_buffer(rows, KV_CHUNK), cross, mask.astype(np.int32))
         start = np.full((rows, 1), self.decoder_start_token_id, dtype=np.int64)
         logits = state.step(start[:, 0])
-        return Prefill(state=state, logits=logits, history=start, prompt_lengths=np.ones(rows, dtype=np.int64))
+        return Prefill(state, logits, start, prompt_lengths=np.ones(rows, dtype=np.int64), logprobs=state.logprobs)
 
     def encode(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(layers, 2, R, heads, S, head_size): the encoder writes each layer's keys/values into its view."""
@@ -108,6 +108,7 @@ class _StepIO:
     seqlens_k: np.ndarray  # (R,) int32
     total: np.ndarray  # () int32
     logits: np.ndarray  # (R, V) float32
+    logprobs: np.ndarray  # (R, V) float32
     values: list = field(default_factory=list)  # the OrtValues, kept alive with the arrays they wrap
 
 
@@ -122,6 +123,7 @@ class StaticEncoderDecoderState:
         # reordering them copies self-attention rows only.
         self.sources = np.arange(cross.shape[2], dtype=np.int64)
         self._io: _StepIO | None = None  # rebuilt when the rows or the buffers change
+        self.logprobs: np.ndarray | None = None  # log_softmax of the logits the last step returned
 
     @property
     def num_rows(self) -> int:
@@ -140,7 +142,8 @@ class StaticEncoderDecoderState:
         io.total[...] = self.lengths.max() + 1
         self.model.sessions["decoder"].run_with_iobinding(io.binding)
         self.lengths += 1
-        return io.logits.copy()  # the next step overwrites io.logits
+        self.logprobs = io.logprobs.copy()  # the next step overwrites both
+        return io.logits.copy()
 
     def select(self, rows: np.ndarray) -> None:
         """Keep rows `rows` in that order; only rows whose source changes are copied, self-attention's used prefix
@@ -202,7 +205,7 @@ class StaticEncoderDecoderState:
         io = _StepIO(
             binding, np.zeros((rows, 1, model.token_table.shape[1]), np.float32), np.zeros(rows, np.int32),
             np.zeros((), np.int32),
-            np.zeros((rows, model.vocab_size), dtype=np.float32),
+            np.zeros((rows, model.vocab_size), dtype=np.float32), np.zeros((rows, model.vocab_size), dtype=np.float32),
         )
 
         def bind_input(name: str, array: np.ndarray):
@@ -215,9 +218,10 @@ class StaticEncoderDecoderState:
         bind_input("seqlens_k", io.seqlens_k)
         bind_input("total_sequence_length", io.total)
         bind_input("encoder_attention_mask", self.mask[:rows])
-        logits = ort.OrtValue.ortvalue_from_numpy(io.logits)
-        io.values.append(logits)
-        binding.bind_ortvalue_output("logits", logits)
+        for name in ("logits", "logprobs"):
+            value = ort.OrtValue.ortvalue_from_numpy(getattr(io, name))
+            io.values.append(value)
+            binding.bind_ortvalue_output(name, value)
         for index, (name, cross) in enumerate(zip(model.kv_names, model.cross_names)):
             layer, kind = divmod(index, 2)
             value = bind_input(f"past_key_values.{name}", self.kv[layer, kind, :rows])
