@@ -34,7 +34,7 @@ HEAD_CHUNK_BYTES = 32 * 2**20
 class TokenTable:
     """The (vocab, hidden) token embedding saved as .npy beside the graphs.
 
-    The runtime maps the file and looks tokens up itself, so no graph holds the table for a Gather; a tied LM head
+    The runtime reads the rows it needs from the file, so no graph holds the table for a Gather; a tied LM head
     reads row ranges of the same bytes as external data instead of a second copy.
     """
 
