@@ -43,7 +43,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("fp32", "fp16", "int8"),
         default="fp32",
         help="weights of the fused graph: fp32; fp16; int8 (dynamically quantized MatMuls, LM head included, "
-        "fastest on CPU). fp16/int8 need --optimize fused, and GPT-2 (T5's fused graphs are fp32)",
+        "fastest on CPU). fp16/int8 need --optimize fused; T5's fused graphs are fp32 or int8",
     )
     parser.add_argument(
         "--min-agreement",

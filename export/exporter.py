@@ -26,7 +26,7 @@ from onnxgen.export.tokenizer import write_tokenizer
 from onnxgen.export.builders import gpt2 as gpt2_builder
 from onnxgen.export.builders.verify import check_static_gpt2_agreement, verify_static_gpt2
 from onnxgen.export.verify import verify_export
-from onnxgen.manifest import MANIFEST_FILE, GraphSpec, Manifest, SpecialTokens
+from onnxgen.manifest import FORMAT_VERSION, MANIFEST_FILE, TOKEN_LOOKUP, GraphSpec, Manifest, SpecialTokens
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +177,14 @@ def _fused_builder(architecture: str, precision: str) -> _FusedBuilder:
         )
     elif architecture == "t5":
         from onnxgen.export.builders import t5 as t5_builder
-        from onnxgen.export.builders.verify_t5 import verify_static_t5
+        from onnxgen.export.builders.verify_t5 import check_static_t5_agreement, verify_static_t5
 
         def write(model: Any, output: Path, threshold: int, precision: str) -> dict[str, GraphSpec]:
-            return t5_builder.write_t5(model, output, external_data_threshold=threshold)
+            return t5_builder.write_t5(model, output, external_data_threshold=threshold, precision=precision)
 
-        builder = _FusedBuilder(write, verify_static_t5, None, t5_builder.OPTIMIZATIONS, ("fp32",))
+        builder = _FusedBuilder(
+            write, verify_static_t5, check_static_t5_agreement, t5_builder.OPTIMIZATIONS, t5_builder.PRECISIONS
+        )
     else:
         raise ExportError(f"optimize='fused' is not available for {architecture}; use optimize='none'")
     if precision not in builder.precisions:
@@ -328,6 +330,8 @@ def _build_manifest(
         verification=verification,
         optimizations=tuple(optimizations),
         source="onnxgen",
+        # Version 2 changed only the fused layout; portable exports stay readable by onnxgen releases before it.
+        format_version=FORMAT_VERSION if TOKEN_LOOKUP in optimizations else 1,
     )
 
 

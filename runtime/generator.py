@@ -83,8 +83,9 @@ class _Cohort:
         self.rows.update(other.rows)
 
     def step(self, eos_ids: np.ndarray, events_of) -> list[TokenEvent]:
-        # Beam search ranks by log-probabilities, as transformers does; the processors edit a copy of the logits,
-        # which `advance` still needs for the log-probabilities it reports.
+        # Beam search ranks by log-probabilities, as transformers does; the processors edit a copy, and `advance`
+        # reports each token's log-probability under the model's own distribution (the graph's log_softmax where
+        # it returns one, else computed from the logits).
         if self.is_beam_row.all():
             scores = log_softmax(self.logits) if self.logprobs is None else self.logprobs.copy()
         else:

@@ -232,10 +232,10 @@ def load_manifest(directory: str | Path) -> Manifest:
         )
     if manifest.has_static_kv:
         if TOKEN_LOOKUP not in manifest.optimizations:
+            precision = {"float32": "fp32", "float16": "fp16"}.get(manifest.dtype, manifest.dtype)
             raise ManifestError(
-                f"{str(directory)!r} holds fused graphs of an older onnxgen (format_version "
-                f"{manifest.format_version}) that look tokens up themselves; re-export it with `onnxgen export "
-                "--optimize fused`"
+                f"{str(directory)!r} holds fused graphs of an older onnxgen whose graphs look tokens up themselves; "
+                f"re-export it: `onnxgen export SOURCE {directory} --force --optimize fused --precision {precision}`"
             )
         if not (directory / TOKEN_EMBEDDINGS_FILE).exists():
             raise ManifestError(f"the token table {TOKEN_EMBEDDINGS_FILE!r} is missing from {str(directory)!r}")

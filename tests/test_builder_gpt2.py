@@ -156,6 +156,16 @@ def check_rows_are_read_not_mapped(model, directory: Path) -> None:
         assert str((directory / TOKEN_EMBEDDINGS_FILE).resolve()) not in maps.read_text()
 
 
+def test_lookups_into_the_wrong_output_or_outside_the_table_fail_loudly(static_dir):
+    table = load_model(load_manifest(static_dir), static_dir, "cpu").token_table
+    with pytest.raises(ValueError, match="float32 rows of shape"):
+        table.lookup(np.array([1, 2]), out=np.zeros((2, table.shape[1]), np.float64))
+    with pytest.raises(ValueError, match="float32 rows of shape"):
+        table.lookup(np.array([1, 2]), out=np.zeros((3, table.shape[1]), np.float32))
+    with pytest.raises(ValueError, match=f"token id {table.shape[0]} is outside"):
+        table.lookup(np.array([1, table.shape[0]]))  # a step's token, not only a prompt's, is checked
+
+
 def test_the_runtime_reads_token_rows_and_refuses_ids_outside_the_table(static_dir):
     model = load_model(load_manifest(static_dir), static_dir, "cpu")
     check_rows_are_read_not_mapped(model, static_dir)
@@ -169,7 +179,7 @@ def test_fused_graphs_of_an_older_export_are_refused_with_the_fix(static_dir, tm
     old = shutil.copytree(static_dir, tmp_path / "old")
     manifest = load_manifest(old)
     dataclasses.replace(manifest, optimizations=manifest.optimizations[:3], format_version=1).save(old)
-    with pytest.raises(ManifestError, match="re-export it"):
+    with pytest.raises(ManifestError, match="re-export it: `onnxgen export SOURCE .* --optimize fused --precision fp32`"):
         load_manifest(old)
 
 
@@ -270,6 +280,33 @@ def _join_mid_run(tg: TextGeneration) -> list[list[int]]:
     while not generator.is_done():
         generator.step()
     return [[out.token_ids for out in generator.pop(h)] for h in handles]
+
+
+def test_log_probabilities_follow_their_rows_through_joins_and_beams(pair):
+    """A sampling prompt runs two steps, then a beam-sampling and a greedy prompt join: every reported log-prob
+    (the graph's log_softmax on the static path, NumPy's on the dynamic one) and `top_logprobs` must agree."""
+    outputs = []
+    for tg in pair:
+        prompts = [tg.tokenizer.encode(p) for p in GPT2_PROMPTS]
+        generator = Generator(tg.model, tg.tokenizer.decode)
+        handles = generator.add([prompts[0]], [tg.plan(dict(do_sample=True, seed=5, max_new_tokens=10))])
+        generator.step()
+        generator.step()
+        plans = [tg.plan(dict(num_beams=2, do_sample=True, seed=6, max_new_tokens=6)),
+                 tg.plan(dict(do_sample=False, max_new_tokens=8))]
+        handles += generator.add(prompts[1:], plans)
+        top = generator.top_logprobs({handles[0]: 3, handles[2]: 3})
+        while not generator.is_done():
+            generator.step()
+        outputs.append(([[(o.token_ids, o.logprobs) for o in generator.pop(h)] for h in handles], top))
+    (dynamic, dynamic_top), (static, static_top) = outputs
+    for d, s in zip(sum(dynamic, []), sum(static, [])):
+        assert d[0] == s[0]
+        np.testing.assert_allclose(s[1], d[1], atol=1e-4, rtol=0)
+    assert dynamic_top.keys() == static_top.keys() and len(static_top) == 2
+    for key, (ids, logprobs) in static_top.items():
+        np.testing.assert_array_equal(ids, dynamic_top[key][0])
+        np.testing.assert_allclose(logprobs, dynamic_top[key][1], atol=1e-4, rtol=0)
 
 
 def test_a_prompt_joining_mid_run_gets_the_dynamic_paths_tokens(pair):

@@ -128,7 +128,7 @@ def test_the_graphs_are_made_of_fused_operators_and_take_embeddings(static_dir, 
     assert "FastGelu" in {node.op_type for node in gated.node}
 
 
-def test_one_table_file_serves_both_sessions(static_dir):
+def test_the_runtime_reads_token_rows_for_the_encoder_and_the_decoder(static_dir):
     model = load_model(load_manifest(static_dir), static_dir, "cpu")
     check_rows_are_read_not_mapped(model, static_dir)
     with pytest.raises(ValueError, match=f"token id {model.vocab_size} is outside"):

@@ -326,5 +326,5 @@ def test_fused_export_through_export_model_and_the_cli(tiny_gpt2_checkpoint, tin
     fused = TextGeneration(out, device="cpu")("The café", do_sample=False, max_new_tokens=8)
     export_model(tiny_gpt2_checkpoint, tmp_path / "plain")
     assert fused == TextGeneration(tmp_path / "plain", device="cpu")("The café", do_sample=False, max_new_tokens=8)
-    with pytest.raises(ExportError, match="precision='int8' is not available for t5's fused graphs; available: fp32"):
-        export_model(tiny_t5_checkpoint, tmp_path / "t5", optimize="fused", precision="int8")
+    with pytest.raises(ExportError, match="precision='fp16' is not available for t5's fused graphs; available: fp32, int8"):
+        export_model(tiny_t5_checkpoint, tmp_path / "t5", optimize="fused", precision="fp16")

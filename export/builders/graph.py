@@ -59,8 +59,9 @@ def save_token_table(directory: str | Path, table: np.ndarray, file: str = TOKEN
 
 
 def head_chunks(rows: int, row_bytes: int) -> list[tuple[int, int]]:
-    """[start, end) row ranges of a (rows, D) head, about equal, each at most HEAD_CHUNK_BYTES."""
-    count = max(1, math.ceil(rows * row_bytes / HEAD_CHUNK_BYTES))
+    """[start, end) row ranges of a (rows, D) head, about equal, each at most HEAD_CHUNK_BYTES (or one row)."""
+    per_chunk = max(1, HEAD_CHUNK_BYTES // row_bytes)
+    count = max(1, math.ceil(rows / per_chunk))
     bounds = np.linspace(0, rows, count + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 

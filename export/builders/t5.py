@@ -13,7 +13,8 @@ N heads of size H (inner size I = N H), L decoder layers::
               a   = GroupQueryAttention(qkv, self K/V buffers, seqlens_k, bias (B, N, 1, T)), scale 1
               c   = MultiHeadAttention(RMSNorm(x) @ q, cross K/V, key_padding_mask = encoder_attention_mask)
               FFN: wo(relu(wi x)) or wo(act(wi_0 x) * wi_1 x); residual sums ride in SkipSimplifiedLayerNormalization
-              logits = Gemm(RMSNorm(x), lm_head, transB) (B, V); tied heads fold T5's d_model**-0.5 into alpha
+              logits = Gemm(RMSNorm(x), lm_head, transB) (B, V), in row chunks (graph.HEAD_CHUNK_BYTES) joined
+              by Concat; tied heads fold T5's d_model**-0.5 into alpha; logprobs = LogSoftmax(logits)
 
 Both graphs take the token embeddings' rows (``inputs_embeds``): the runtime looks tokens up in the shared table,
 written as its own .npy (``manifest.TOKEN_LOOKUP``), and a tied LM head reads row chunks of that file as external
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 from onnx import TensorProto
-from onnxgen.export.builders.gpt2 import ERF_GELUS, TANH_GELUS, _to_numpy
+from onnxgen.export.builders.gpt2 import ERF_GELUS, TANH_GELUS, _to_numpy, quantize_columns
 from onnxgen.export.builders.graph import MS_DOMAIN, GraphBuilder, TokenTable, save_model, save_token_table
 from onnxgen.export.errors import ExportError
 from onnxgen.manifest import FUSED_GQA, LAST_LOGITS, STATIC_KV, TOKEN_LOOKUP, GraphSpec
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 ENCODER_FILE = "encoder_fused.onnx"
 DECODER_FILE = "decoder_fused.onnx"
 OPTIMIZATIONS = (FUSED_GQA, LAST_LOGITS, STATIC_KV, TOKEN_LOOKUP)
+PRECISIONS = ("fp32", "int8")
 ACTIVATIONS = TANH_GELUS + ERF_GELUS + ("relu", "silu")
 MASKED = float(np.finfo(np.float32).min)  # what transformers adds to masked scores
 
@@ -154,11 +156,17 @@ def token_table(state_dict: Mapping[str, Any]) -> np.ndarray:
     return T5Weights(state_dict)["shared.weight"]
 
 
-def build_t5_graphs(config: Any, state_dict: Mapping[str, Any], table: TokenTable) -> dict[str, Any]:
+def build_t5_graphs(
+    config: Any, state_dict: Mapping[str, Any], table: TokenTable, precision: str = "fp32"
+) -> dict[str, Any]:
     """{"encoder": ModelProto, "decoder": ModelProto} of the layout described in the module docstring.
 
-    `table` is where :func:`token_table` was saved (`graph.save_token_table`); a tied LM head reads its rows.
+    `table` is where :func:`token_table` was saved (`graph.save_token_table`); a tied fp32 LM head reads its rows.
+    precision: "fp32", or "int8": every MatMul of both graphs, the LM head included, is a DynamicQuantizeMatMul
+    (per-column uint8 weights, activations quantized per call); norms, attention and the buffers stay float32.
     """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)} for T5, got {precision!r}")
     dims = T5Dims.from_config(config)
     weights = T5Weights(state_dict)
     if table.shape != (dims.vocab_size, dims.hidden_size) or table.dtype != np.float32:
@@ -166,11 +174,12 @@ def build_t5_graphs(config: Any, state_dict: Mapping[str, Any], table: TokenTabl
             f"the token table is {table.dtype} {table.shape}; these graphs need float32 "
             f"{(dims.vocab_size, dims.hidden_size)}"
         )
-    return {"encoder": _encoder_graph(dims, weights), "decoder": _decoder_graph(dims, weights, table)}
+    return {"encoder": _encoder_graph(dims, weights, precision), "decoder": _decoder_graph(dims, weights, table, precision)}
 
 
-def _encoder_graph(dims: T5Dims, weights: T5Weights):
+def _encoder_graph(dims: T5Dims, weights: T5Weights, precision: str):
     g = GraphBuilder("t5_encoder_fused")
+    linear = _Linear(g, weights, precision)
     x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", "encoder_sequence", dims.hidden_size])
     mask = g.input("attention_mask", TensorProto.INT64, ["batch", "encoder_sequence"])
     kv_shape = ["batch", dims.num_heads, "encoder_sequence", dims.head_size]
@@ -182,22 +191,22 @@ def _encoder_graph(dims: T5Dims, weights: T5Weights):
     normed, residual = _norm(g, weights, x, None, "encoder.block.0.layer.0.layer_norm", dims.epsilon)
     for i in range(dims.encoder_layers):
         p = f"encoder.block.{i}.layer."
-        qkv = _matmul(g, weights, normed, *(p + f"0.SelfAttention.{w}" for w in "qkv"))
+        qkv = linear(normed, *(p + f"0.SelfAttention.{w}" for w in "qkv"))
         q, k, v = g.node("Split", [qkv], 3, axis=2)
         attention = g.node(
             "MultiHeadAttention", [q, k, v, "", padding, bias], domain=MS_DOMAIN, num_heads=dims.num_heads,
             scale=1.0, mask_filter_value=MASKED,
         )
-        x = _matmul(g, weights, attention, p + "0.SelfAttention.o")
+        x = linear(attention, p + "0.SelfAttention.o")
         normed, residual = _norm(g, weights, x, residual, p + "1.layer_norm", dims.epsilon)
-        x = _feed_forward(g, dims, weights, normed, p + "1.DenseReluDense")
+        x = _feed_forward(g, dims, linear, normed, p + "1.DenseReluDense")
         last = i + 1 == dims.encoder_layers
         following = "encoder.final_layer_norm" if last else f"encoder.block.{i + 1}.layer.0.layer_norm"
         normed, residual = _norm(g, weights, x, residual, following, dims.epsilon, last=last)
     heads = g.constant("encoder_heads_shape", [0, -1, dims.num_heads, dims.head_size], np.int64)
     for i in range(dims.decoder_layers):
         for kind in ("key", "value"):
-            projected = _matmul(g, weights, normed, f"decoder.block.{i}.layer.1.EncDecAttention.{kind[0]}")
+            projected = linear(normed, f"decoder.block.{i}.layer.1.EncDecAttention.{kind[0]}")
             split = g.node("Reshape", [projected, heads])  # (B, S, N, H)
             g.node("Transpose", [split], [f"present.{i}.encoder.{kind}"], perm=[0, 2, 1, 3])
     return g.model(producer="onnxgen.export.builders.t5")
@@ -219,8 +228,9 @@ def _encoder_position_bias(g, dims, weights, inputs_embeds):
     return g.node("Unsqueeze", [g.node("Transpose", [bias], perm=[2, 0, 1]), g.constant("axes_0c", [0], np.int64)])
 
 
-def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable):
+def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable, precision: str):
     g = GraphBuilder("t5_decoder_fused_static_kv")
+    linear = _Linear(g, weights, precision)
     buffer = ["batch", dims.num_heads, "max_length", dims.head_size]
     cross = ["batch", dims.num_heads, "encoder_sequence", dims.head_size]
     x = g.input("inputs_embeds", TensorProto.FLOAT, ["batch", 1, dims.hidden_size])
@@ -233,7 +243,7 @@ def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable):
     normed, residual = _norm(g, weights, x, None, "decoder.block.0.layer.0.layer_norm", dims.epsilon)
     for i in range(dims.decoder_layers):
         p = f"decoder.block.{i}.layer."
-        qkv = _matmul(g, weights, normed, *(p + f"0.SelfAttention.{w}" for w in "qkv"))
+        qkv = linear(normed, *(p + f"0.SelfAttention.{w}" for w in "qkv"))
         pasts = [g.input(f"past_key_values.{i}.decoder.{kv}", TensorProto.FLOAT, buffer) for kv in ("key", "value")]
         presents = [g.output(f"present.{i}.decoder.{kv}", TensorProto.FLOAT, buffer) for kv in ("key", "value")]
         attention = g.node(
@@ -241,22 +251,25 @@ def _decoder_graph(dims: T5Dims, weights: T5Weights, table: TokenTable):
             [f"self_attention.{i}", *presents], domain=MS_DOMAIN, num_heads=dims.num_heads,
             kv_num_heads=dims.num_heads, scale=1.0,
         )[0]
-        x = _matmul(g, weights, attention, p + "0.SelfAttention.o")
+        x = linear(attention, p + "0.SelfAttention.o")
         normed, residual = _norm(g, weights, x, residual, p + "1.layer_norm", dims.epsilon)
-        q = _matmul(g, weights, normed, p + "1.EncDecAttention.q")
+        q = linear(normed, p + "1.EncDecAttention.q")
         keys = [g.input(f"past_key_values.{i}.encoder.{kv}", TensorProto.FLOAT, cross) for kv in ("key", "value")]
         attention = g.node(
             "MultiHeadAttention", [q, *keys, "", padding], domain=MS_DOMAIN, num_heads=dims.num_heads, scale=1.0,
             mask_filter_value=MASKED,
         )
-        x = _matmul(g, weights, attention, p + "1.EncDecAttention.o")
+        x = linear(attention, p + "1.EncDecAttention.o")
         normed, residual = _norm(g, weights, x, residual, p + "2.layer_norm", dims.epsilon)
-        x = _feed_forward(g, dims, weights, normed, p + "2.DenseReluDense")
+        x = _feed_forward(g, dims, linear, normed, p + "2.DenseReluDense")
         last = i + 1 == dims.decoder_layers
         following = "decoder.final_layer_norm" if last else f"decoder.block.{i + 1}.layer.0.layer_norm"
         normed, residual = _norm(g, weights, x, residual, following, dims.epsilon, last=last)
     hidden = g.node("Squeeze", [normed, g.constant("axes_1", [1], np.int64)])  # (B, D): one token per row
-    if dims.tied:  # T5 rescales by d_model**-0.5 before a tied head
+    if precision == "int8":  # (D, V) quantized per vocabulary column; a tied head's rescale folded in first
+        head = weights["shared.weight"] * np.float32(dims.hidden_size**-0.5) if dims.tied else weights["lm_head.weight"]
+        linear.matrix(hidden, "lm_head.weight_t", np.ascontiguousarray(head.T), output="logits")
+    elif dims.tied:  # T5 rescales by d_model**-0.5 before a tied head
         g.vocab_projection(hidden, "logits", table=table, alpha=dims.hidden_size**-0.5)
     else:
         g.vocab_projection(hidden, "logits", weight=weights["lm_head.weight"])
@@ -279,9 +292,26 @@ def _decoder_position_bias(g, dims, weights, seqlens_k, total):
     return g.node("Unsqueeze", [g.node("Transpose", [bias], perm=[0, 2, 1]), g.constant("axes_2", [2], np.int64)])
 
 
-def _matmul(g, weights, x, *linears):
-    name = linears[0] if len(linears) == 1 else linears[0].rsplit(".", 1)[0] + ".qkv"
-    return g.node("MatMul", [x, g.initializer(name + ".weight", weights.linear(*linears))])
+class _Linear:
+    """x @ W for one Linear (or several side by side) of the checkpoint: a MatMul, or for int8 a
+    DynamicQuantizeMatMul over per-column uint8 weights (the GPT-2 builder's scheme, see its module docstring)."""
+
+    def __init__(self, g: GraphBuilder, weights: T5Weights, precision: str) -> None:
+        self.g, self.weights, self.precision = g, weights, precision
+
+    def __call__(self, x: str, *linears: str) -> str:
+        name = linears[0] if len(linears) == 1 else linears[0].rsplit(".", 1)[0] + ".qkv"
+        return self.matrix(x, name + ".weight", self.weights.linear(*linears))
+
+    def matrix(self, x: str, name: str, matrix: np.ndarray, output: str | None = None) -> str:
+        """x @ matrix for an (in, out) float32 matrix."""
+        g, outputs = self.g, [output] if output else 1
+        if self.precision == "fp32":
+            return g.node("MatMul", [x, g.initializer(name, matrix)], outputs)
+        quantized, scale, zero_point = quantize_columns(matrix)
+        inputs = [x, g.initializer(name + ".quantized", quantized), g.initializer(name + ".scale", scale),
+                  g.initializer(name + ".zero_point", zero_point)]
+        return g.node("DynamicQuantizeMatMul", inputs, outputs, domain=MS_DOMAIN)
 
 
 def _norm(g, weights, x, residual, norm, epsilon, last=False):
@@ -295,13 +325,13 @@ def _norm(g, weights, x, residual, norm, epsilon, last=False):
     return (result, None) if last else (result[0], result[3])
 
 
-def _feed_forward(g, dims, weights, x, prefix):
+def _feed_forward(g, dims, linear, x, prefix):
     if dims.gated:
-        gate = _activation(g, dims.activation, _matmul(g, weights, x, prefix + ".wi_0"))
-        x = g.node("Mul", [gate, _matmul(g, weights, x, prefix + ".wi_1")])
+        gate = _activation(g, dims.activation, linear(x, prefix + ".wi_0"))
+        x = g.node("Mul", [gate, linear(x, prefix + ".wi_1")])
     else:
-        x = _activation(g, dims.activation, _matmul(g, weights, x, prefix + ".wi"))
-    return _matmul(g, weights, x, prefix + ".wo")
+        x = _activation(g, dims.activation, linear(x, prefix + ".wi"))
+    return linear(x, prefix + ".wo")
 
 
 def _activation(g, activation, x):
@@ -314,7 +344,9 @@ def _activation(g, activation, x):
     return g.node("Relu", [x])
 
 
-def write_t5(model: Any, output_dir: str | Path, *, external_data_threshold: int = 2 * 1024**3) -> dict[str, GraphSpec]:
+def write_t5(
+    model: Any, output_dir: str | Path, *, external_data_threshold: int = 2 * 1024**3, precision: str = "fp32"
+) -> dict[str, GraphSpec]:
     """Build the graphs of a T5ForConditionalGeneration into ``output_dir``, its token table beside them
     (``manifest.TOKEN_EMBEDDINGS_FILE``); return {name: spec} for the manifest.
 
@@ -322,7 +354,7 @@ def write_t5(model: Any, output_dir: str | Path, *, external_data_threshold: int
     """
     state_dict = model.state_dict()
     table = save_token_table(output_dir, token_table(state_dict))
-    graphs = build_t5_graphs(model.config, state_dict, table)
+    graphs = build_t5_graphs(model.config, state_dict, table, precision)
     specs = {}
     for name, file in (("encoder", ENCODER_FILE), ("decoder", DECODER_FILE)):
         onnx_model = graphs[name]

@@ -109,7 +109,11 @@ def check_static_gpt2_agreement(
     for position in range(1, len(ids) - 1):
         token, where = table[[[ids[position]]]], np.array([[position]])
         got.append(_run(session, values, token, where, np.array([position]), position + 1)[0])
-    got = np.stack(got)
+    return agreement_record(np.stack(got), reference, min_agreement)
+
+
+def agreement_record(got: np.ndarray, reference: np.ndarray, min_agreement: float) -> dict:
+    """The manifest's record of a top-1 agreement check: `got` and `reference` are (positions, V) logits."""
     agree = got.argmax(axis=-1) == reference.argmax(axis=-1)
     top2 = np.sort(reference, axis=-1)[:, -2:]
     margins = top2[:, 1] - top2[:, 0]  # how far PyTorch's best token is ahead of its second

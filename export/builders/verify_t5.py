@@ -4,6 +4,10 @@ The graphs are driven as the runtime drives them: a right-padded batch of two pr
 verification prompt and its first half) through the encoder, then the decoder start token and a few greedy
 one-token steps into fixed self-attention buffers shared between past and present. PyTorch runs each row alone,
 unpadded, over its final decoder sequence without a cache. Same record as `verify.verify_export`.
+
+`check_static_t5_agreement` (int8 graphs): the agreement sample is both the encoder's input and the decoder's
+teacher-forced target; the share of decoder positions where the graphs' most likely next token is PyTorch's
+(the record of `verify.check_static_gpt2_agreement`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnxgen.export.builders.verify import _max_diff, token_table
+from onnxgen.export.builders.verify import AGREEMENT_POSITIONS, AGREEMENT_SAMPLE, _max_diff, agreement_record, token_table
 from onnxgen.export.errors import ExportError
 from onnxgen.export.verify import SAMPLE_PROMPT, STEPS_WITH_PAST, _session
 from onnxgen.manifest import GraphSpec
@@ -92,3 +96,34 @@ def _step(session, buffers, cross, inputs_embeds, position: int, mask) -> np.nda
         binding.bind_cpu_input(name.replace("present.", "past_key_values.", 1), array)
     session.run_with_iobinding(binding)
     return binding.get_outputs()[0].numpy()
+
+
+def check_static_t5_agreement(
+    model: Any, tokenizer: Any, directory: Path, graphs: dict[str, GraphSpec], min_agreement: float
+) -> dict:
+    """Top-1 agreement of reduced-precision T5 graphs with the float32 PyTorch model over AGREEMENT_SAMPLE."""
+    import torch
+
+    ids = [int(i) for i in tokenizer(AGREEMENT_SAMPLE)["input_ids"]][: AGREEMENT_POSITIONS + 1]
+    if len(ids) < 2:
+        raise ExportError("the tokenizer turns the agreement sample into fewer than 2 tokens")
+    config = model.config
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id or 0
+    decoder_ids = [start] + ids[:-1]  # teacher forcing: position t predicts ids[t]
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([decoder_ids]), use_cache=False)
+        reference = reference.logits[0].float().numpy()  # (n, V)
+    table = token_table(directory)
+    encoder = _session(Path(directory) / graphs["encoder"].file)
+    decoder = _session(Path(directory) / graphs["decoder"].file)
+    input_ids, mask = np.array([ids], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64)
+    cross_names = [o.name for o in encoder.get_outputs()]
+    cross = dict(zip(cross_names, encoder.run(cross_names, {"inputs_embeds": table[input_ids], "attention_mask": mask})))
+    shape = (1, config.num_heads, len(decoder_ids), config.d_kv)
+    buffers = {f"{i}.decoder.{kv}": np.zeros(shape, np.float32) for i in range(len(cross_names) // 2)
+               for kv in ("key", "value")}
+    got = [
+        _step(decoder, buffers, cross, table[np.array([[token]])], position, mask.astype(np.int32))[0]
+        for position, token in enumerate(decoder_ids)
+    ]
+    return agreement_record(np.stack(got), reference, min_agreement)

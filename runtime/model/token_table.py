@@ -1,8 +1,8 @@
 """The token lookup of the static layouts (`manifest.TOKEN_LOOKUP`): their graphs take embeddings, not ids.
 
 The (vocab, hidden) table stays in its .npy file and each lookup reads just the rows it needs (`os.preadv`
-straight into the destination array). The graphs' tied LM head, which reads the same file, is then the only full
-copy in the process (onnxruntime's packed one). Memory-mapping the table instead was measured to cost ~1 MB of
+straight into the destination array), so no copy of the table is held for the lookup; where the LM head is tied
+to it, onnxruntime's packed copy of the head, read from the same file, is the only one in the process. Memory-mapping the table instead was measured to cost ~1 MB of
 resident memory per distinct token on Linux (the kernel maps whole large folios around each fault, MADV_RANDOM
 or not): +68 MB after one 96-token GPT-2 generation, and growing. A read is ~2 µs per row.
 """
@@ -42,18 +42,25 @@ class TokenTable:
         self._mapped = None if hasattr(os, "preadv") else np.load(self.path, mmap_mode="r")
 
     def lookup(self, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The rows of `ids` (any shape, values in range), into `out` (ids.shape + (hidden,)) when given."""
+        """The rows of `ids` (any shape), into `out` (ids.shape + (hidden,), the table's dtype, C-contiguous) when
+        given. An id outside the table is an error, as onnxruntime's Gather made it, not a silently stale row."""
         ids = np.asarray(ids)
+        shape = ids.shape + (self.shape[1],)
         if out is None:
-            out = np.empty(ids.shape + (self.shape[1],), dtype=self.dtype)
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(
+                f"lookup writes {self.dtype} rows of shape {shape} into a C-contiguous array; got {out.dtype} "
+                f"{out.shape}{'' if out.flags.c_contiguous else ', not contiguous'}"
+            )
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            check_token_ids(ids, self.shape[0])
         if self._mapped is not None:
             out[...] = self._mapped[ids]
             return out
-        rows = out.reshape(-1, self.shape[1])  # a view when `out` is C-contiguous over its rows
-        if not np.shares_memory(rows, out):
-            raise ValueError("lookup needs an output whose rows are contiguous")
-        for row, token in zip(rows, ids.reshape(-1).tolist()):
-            os.preadv(self._fd, [row], self.offset + token * self.row_bytes)
+        for row, token in zip(out.reshape(-1, self.shape[1]), ids.reshape(-1).tolist()):
+            if os.preadv(self._fd, [row], self.offset + token * self.row_bytes) != self.row_bytes:
+                raise OSError(f"{self.path}: short read of token {token}'s row (was the file truncated?)")
         return out
 
     def __getitem__(self, ids) -> np.ndarray:
