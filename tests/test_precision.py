@@ -16,6 +16,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 
+import tiny_models  # noqa: E402
+
 from onnxgen import TextGeneration  # noqa: E402
 from onnxgen.export import export_model  # noqa: E402
 from onnxgen.export.builders.gpt2 import quantize_columns  # noqa: E402
@@ -35,28 +37,16 @@ def trained_gpt2(tiny_gpt2_checkpoint, tmp_path_factory):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.tensor([tokenizer(AGREEMENT_SAMPLE)["input_ids"][: config.n_positions]])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(TRAIN_STEPS):
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    assert loss.item() < 0.5, f"the tiny model did not learn the sample (loss {loss.item():.3f})"
     path = tmp_path_factory.mktemp("trained") / "gpt2"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_models.train_on_one_batch(
+        model, tokenizer, path, steps=TRAIN_STEPS, lr=3e-3, max_loss=0.5, input_ids=ids, labels=ids
+    )
 
 
 @pytest.fixture(scope="module")
 def exported(trained_gpt2, tmp_path_factory):
     """precision -> model directory, each exported with the default min_agreement (0.99)."""
-    root = tmp_path_factory.mktemp("precision")
-    for precision in ("fp32", "fp16", "int8"):
-        export_model(trained_gpt2, root / precision, optimize="fused", precision=precision, progress=False)
-    return {precision: root / precision for precision in ("fp32", "fp16", "int8")}
+    return tiny_models.export_precisions(trained_gpt2, tmp_path_factory.mktemp("precision"), ("fp32", "fp16", "int8"))
 
 
 def _graph(directory):

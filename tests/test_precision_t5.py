@@ -14,8 +14,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 onnx = pytest.importorskip("onnx")
 
+import tiny_models  # noqa: E402
+
 from onnxgen import TextGeneration  # noqa: E402
-from onnxgen.export import export_model  # noqa: E402
 from onnxgen.export.builders.verify import AGREEMENT_POSITIONS, AGREEMENT_SAMPLE  # noqa: E402
 from onnxgen.manifest import TOKEN_EMBEDDINGS_FILE, load_manifest  # noqa: E402
 
@@ -35,28 +36,15 @@ def trained_t5(tiny_t5_checkpoint, tmp_path_factory):
     texts = [tokenizer.decode(checked, skip_special_tokens=True)] + PROMPTS
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(TRAIN_STEPS):
-        loss = model(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    assert loss.item() < 0.8, f"the tiny model did not learn to copy (loss {loss.item():.3f})"
     path = tmp_path_factory.mktemp("trained") / "t5"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_models.train_on_one_batch(model, tokenizer, path, steps=TRAIN_STEPS, lr=1e-2, max_loss=0.8, **batch,
+                                          labels=labels)
 
 
 @pytest.fixture(scope="module")
 def exported(trained_t5, tmp_path_factory):
     """precision -> fused model directory, int8 exported with the default min_agreement (0.99)."""
-    root = tmp_path_factory.mktemp("precision_t5")
-    for precision in ("fp32", "int8"):
-        export_model(trained_t5, root / precision, optimize="fused", precision=precision, progress=False)
-    return {precision: root / precision for precision in ("fp32", "int8")}
+    return tiny_models.export_precisions(trained_t5, tmp_path_factory.mktemp("precision_t5"), ("fp32", "int8"))
 
 
 def _graph(directory, name):

@@ -109,6 +109,32 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
+def train_on_one_batch(model, tokenizer, path: Path, *, steps: int, lr: float, max_loss: float, **batch) -> Path:
+    """Fit `model` to one fixed batch (`model(**batch).loss`, AdamW) until it is confident about it, like a real
+    model (a random one predicts almost uniformly), and save it with `tokenizer` at `path`."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert loss.item() < max_loss, f"the tiny model did not learn its batch (loss {loss.item():.3f})"
+    return _save(model, tokenizer, path)
+
+
+def export_precisions(checkpoint: Path, root: Path, precisions: tuple[str, ...]) -> dict[str, Path]:
+    """precision -> fused export of `checkpoint` under `root`, each with the default min_agreement."""
+    from onnxgen.export import export_model
+
+    for precision in precisions:
+        export_model(checkpoint, root / precision, optimize="fused", precision=precision, progress=False)
+    return {precision: root / precision for precision in precisions}
+
+
 def build_gpt2(path: Path, *, eager_eos: bool = False) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
