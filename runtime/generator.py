@@ -157,7 +157,8 @@ class Generator:
         eos = tuple(int(t) for t in self.eos_ids)
         # Everything that can fail runs before the generator records anything: a failed add leaves it unchanged.
         row_params = [_row_params(p, p.rows_per_prompt, len(eos)) for p in plans]
-        prefill = self.model.prefill(prompts)
+        bounds = [p.max_new_tokens for p in plans]  # None where max_length decides, per prompt length
+        prefill = self.model.prefill(prompts, max_new_tokens=None if None in bounds else max(bounds))
         handles = list(range(self._next_handle, self._next_handle + len(prompts)))
         entries = {}
         for handle, plan, prompt_length in zip(handles, plans, prefill.prompt_lengths):

@@ -319,12 +319,17 @@ def test_a_prompt_joining_mid_run_gets_the_dynamic_paths_tokens(pair):
 
 def test_buffers_grow_by_chunks_without_changing_tokens(pair, monkeypatch):
     dynamic, static = pair
-    monkeypatch.setattr(static_decoder, "KV_CHUNK", 8)  # prompts of 2-12 tokens plus 25 new: several growths
+    monkeypatch.setattr(static_decoder, "KV_CHUNK", 8)  # prompts of 2-12 tokens up to 40 in all: several growths
     prompts = [dynamic.tokenizer.encode(p) for p in GPT2_PROMPTS]
-    for kwargs in (dict(do_sample=False, max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)):
+    # max_length leaves the new-token count to each prompt's length, so the buffers start at a chunk and grow
+    for kwargs in (dict(do_sample=False, max_length=40), dict(num_beams=3, max_length=40)):
         assert static.generate_ids(prompts, **kwargs) == dynamic.generate_ids(prompts, **kwargs)
-    prefill = static.model.prefill(prompts)
-    assert prefill.state.capacity == 16
+    width = max(len(p) for p in prompts)
+    assert static.model.prefill(prompts).state.capacity == 16
+    assert static.model.prefill(prompts, max_new_tokens=25).state.capacity == width + 25  # told: exactly that
+    generator = Generator(static.model)
+    generator.add(prompts, [static.plan(dict(do_sample=False, max_new_tokens=n)) for n in (5, 25, 9)])
+    assert generator.cohorts[0].state.capacity == width + 25  # the generator tells the largest bound
 
 
 def test_history_is_the_left_padded_prompt_matrix(pair):

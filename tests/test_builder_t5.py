@@ -296,9 +296,13 @@ def test_buffers_grow_by_chunks_without_changing_tokens(pair, monkeypatch):
     dynamic, static = pair
     monkeypatch.setattr(static_encoder_decoder, "KV_CHUNK", 8)  # 25 new tokens: several growths
     prompts = [dynamic.tokenizer.encode(p) for p in T5_PROMPTS]
-    for kwargs in (dict(do_sample=False, max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)):
+    # max_length (decoder tokens, the start token included) leaves the buffers at a chunk, growing
+    for kwargs in (dict(do_sample=False, max_length=26), dict(num_beams=3, max_length=26)):
         assert static.generate_ids(prompts, **kwargs) == dynamic.generate_ids(prompts, **kwargs)
     assert static.model.prefill(prompts).state.capacity == 8
+    assert static.model.prefill(prompts, max_new_tokens=25).state.capacity == 26  # told: the start token + 25
+    for kwargs in (dict(do_sample=False, max_new_tokens=25), dict(num_beams=3, max_new_tokens=25)):
+        assert static.generate_ids(prompts, **kwargs) == dynamic.generate_ids(prompts, **kwargs)
 
 
 def test_cuda_is_refused_by_name(static_dir):

@@ -30,7 +30,7 @@ class TableModel:
     def logits_for(self, history: list[list[int]]) -> np.ndarray:
         return np.stack([self.table[h[-2] if len(h) > 1 else 1, h[-1]] for h in history])
 
-    def prefill(self, prompts):
+    def prefill(self, prompts, max_new_tokens=None):
         state = TableState(self, [list(p) for p in prompts])
         width = max(len(p) for p in prompts)
         history = np.array([[EOS] * (width - len(p)) + list(p) for p in prompts], dtype=np.int64)
@@ -208,7 +208,7 @@ def test_popping_a_cancelled_prompt_before_the_next_step_is_safe():
 
 def test_a_failed_add_leaves_the_generator_unchanged():
     class Failing(TableModel):
-        def prefill(self, prompts):
+        def prefill(self, prompts, max_new_tokens=None):
             raise RuntimeError("the model refused")
 
     generator = Generator(Failing())

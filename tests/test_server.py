@@ -402,8 +402,8 @@ class _SlowModel:
     def __init__(self, model, delay: float):
         self._model, self._delay = model, delay
 
-    def prefill(self, prompts):
-        prefill = self._model.prefill(prompts)
+    def prefill(self, prompts, max_new_tokens=None):
+        prefill = self._model.prefill(prompts, max_new_tokens)
         prefill.state = _SlowState(prefill.state, self._delay)
         return prefill
 

@@ -42,5 +42,6 @@ class LanguageModel(Protocol):
     vocab_size: int
     eos_token_ids: tuple[int, ...]
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
-        """Run the prompts (one row each) and return the state ready for `step`."""
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> Prefill:
+        """Run the prompts (one row each) and return the state ready for `step`. `max_new_tokens`, when known, is
+        the most tokens any row will add: a model with preallocated buffers sizes them by it."""

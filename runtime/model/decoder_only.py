@@ -42,7 +42,7 @@ class DecoderOnlyModel(Gpt2Session):
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
         self.present_names = [f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> Prefill:
         rows = len(prompts)
         width = max(len(p) for p in prompts)
         input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)

@@ -41,7 +41,7 @@ class EncoderDecoderModel:
         self.self_present = [f"present.{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]
         self.cross_present = [f"present.{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> Prefill:
         rows = len(prompts)
         width = max(len(p) for p in prompts)
         # The encoder sees right-padded input, as T5's tokenizer pads.

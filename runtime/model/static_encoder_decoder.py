@@ -64,7 +64,7 @@ class StaticEncoderDecoderModel:
         self.kv_names = [f"{i}.decoder.{kv}" for i in layers for kv in ("key", "value")]  # after past_key_values.
         self.cross_names = [f"{i}.encoder.{kv}" for i in layers for kv in ("key", "value")]  # or present.
 
-    def prefill(self, prompts: list[list[int]]) -> Prefill:
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int | None = None) -> Prefill:
         lengths = [len(p) for p in prompts]
         if not lengths or min(lengths) == 0:
             raise ValueError("prefill needs at least one prompt and no empty prompt")
@@ -76,7 +76,8 @@ class StaticEncoderDecoderModel:
             mask[r, : len(prompt)] = 1
         check_token_ids(input_ids, self.vocab_size)
         cross = self.encode(input_ids, mask)
-        state = StaticEncoderDecoderState(self, self.new_buffer(rows, KV_CHUNK), cross, mask.astype(np.int32))
+        capacity = KV_CHUNK if max_new_tokens is None else 1 + max(max_new_tokens, 1)  # the start token first
+        state = StaticEncoderDecoderState(self, self.new_buffer(rows, capacity), cross, mask.astype(np.int32))
         start = np.full((rows, 1), self.decoder_start_token_id, dtype=np.int64)
         logits = state.step(start[:, 0])
         return Prefill(state, logits, start, prompt_lengths=np.ones(rows, dtype=np.int64), logprobs=state.logprobs)
