@@ -29,7 +29,7 @@ from onnxgen.processors import log_softmax  # noqa: E402
 from onnxgen.export.builders import graph as graph_module  # noqa: E402
 from onnxgen.manifest import STATIC_KV, TOKEN_EMBEDDINGS_FILE, ManifestError, expected_io, load_manifest  # noqa: E402
 from onnxgen.model import load_model  # noqa: E402
-from onnxgen.model import static_decoder  # noqa: E402
+from onnxgen.model import session, static_decoder  # noqa: E402
 from onnxgen.model.decoder_only import DecoderOnlyModel  # noqa: E402
 from onnxgen.model.static_decoder import StaticDecoderModel  # noqa: E402
 
@@ -330,6 +330,17 @@ def test_buffers_grow_by_chunks_without_changing_tokens(pair, monkeypatch):
     generator = Generator(static.model)
     generator.add(prompts, [static.plan(dict(do_sample=False, max_new_tokens=n)) for n in (5, 25, 9)])
     assert generator.cohorts[0].state.capacity == width + 25  # the generator tells the largest bound
+
+
+def test_large_prefills_hand_freed_heap_back(static_dir, monkeypatch):
+    session.release_freed_heap()  # the real call: malloc_trim on glibc, nothing elsewhere
+    calls = []
+    monkeypatch.setattr(static_decoder, "release_freed_heap", lambda: calls.append(1))
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    model.prefill([[5, 6, 7]])
+    assert calls == []  # small prompts do not pay for it
+    model.prefill([[5] * 32] * (session.TRIM_AFTER_TOKENS // 32))
+    assert calls == [1]
 
 
 def test_history_is_the_left_padded_prompt_matrix(pair):

@@ -71,6 +71,31 @@ def prefill_run_options() -> Any:
     return options
 
 
+# A prefill of at least this many tokens (rows x width) hands the memory it freed back to the system.
+TRIM_AFTER_TOKENS = 256
+_malloc_trim = None
+
+
+def release_freed_heap() -> None:
+    """Give the heap memory freed so far back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps what a large run frees in its heap for reuse, and runs of different sizes fragment it: measured on
+    GPT-2 small, rounds of batch-8 prompts grew the process by 10-20 MB each (577 -> 635 MB over 5 rounds) with no
+    live allocation behind it (tracemalloc: 1 MB). Trimming after each such prefill kept it at ~566 MB, at 1-2.5 ms
+    per call, which is why only large prefills (TRIM_AFTER_TOKENS) pay it.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+
+        try:
+            _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
+        except OSError:
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 def create_session(path: str | Path, device: str, intra_op_threads: int | None = None) -> Any:
     ort = import_onnxruntime()
     providers: list[Any] = ["CPUExecutionProvider"]

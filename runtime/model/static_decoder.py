@@ -24,7 +24,7 @@ from ..manifest import Manifest
 from .base import Prefill
 from .buffers import move_rows
 from .decoder_only import Gpt2Session
-from .session import import_onnxruntime, prefill_run_options
+from .session import TRIM_AFTER_TOKENS, import_onnxruntime, prefill_run_options, release_freed_heap
 from .token_table import check_token_ids, load_token_table
 
 KV_CHUNK = 128  # positions added to the buffers at a time
@@ -68,6 +68,8 @@ class StaticDecoderModel(Gpt2Session):
         capacity = min(capacity, self.max_positions) if self.max_positions else capacity
         state = StaticDecoderState(self, self.new_buffer(rows, capacity), lengths)
         logits, logprobs = state.run_prompt(input_ids)
+        if input_ids.size >= TRIM_AFTER_TOKENS:
+            release_freed_heap()
         return Prefill(state, logits, history, prompt_lengths=lengths.copy(), logprobs=logprobs)
 
     def capacity_for(self, positions: int) -> int:

@@ -29,7 +29,9 @@ from ..manifest import Manifest, check_graph_io
 from .base import Prefill
 from .buffers import move_rows
 from .encoder_decoder import special_token_ids
-from .session import create_session, import_onnxruntime, prefill_run_options
+from .session import (
+    TRIM_AFTER_TOKENS, create_session, import_onnxruntime, prefill_run_options, release_freed_heap,
+)
 from .token_table import check_token_ids, load_token_table
 
 KV_CHUNK = 128  # decoder positions added to the self-attention buffers at a time
@@ -80,6 +82,8 @@ class StaticEncoderDecoderModel:
         state = StaticEncoderDecoderState(self, self.new_buffer(rows, capacity), cross, mask.astype(np.int32))
         start = np.full((rows, 1), self.decoder_start_token_id, dtype=np.int64)
         logits = state.step(start[:, 0])
+        if input_ids.size >= TRIM_AFTER_TOKENS:
+            release_freed_heap()
         return Prefill(state, logits, start, prompt_lengths=np.ones(rows, dtype=np.int64), logprobs=state.logprobs)
 
     def encode(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
