@@ -153,9 +153,21 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from onnxgen.manifest import load_manifest
+    """Print the manifest; a directory this onnxgen cannot load (an older format, a missing file) is still described,
+    with the reason under "problem" and on stderr, and exit code 2."""
+    from onnxgen.manifest import ManifestError, check_directory, read_manifest
 
-    print(json.dumps(load_manifest(args.model_dir).to_dict(), indent=2))
+    manifest = read_manifest(args.model_dir)
+    try:
+        check_directory(manifest, args.model_dir)
+        problem = None
+    except ManifestError as exc:
+        problem = str(exc)
+    print(json.dumps({**manifest.to_dict(), "loadable": problem is None, **({"problem": problem} if problem else {})},
+                     indent=2))
+    if problem:
+        print(f"onnxgen info: {problem}", file=sys.stderr)
+        return 2
     return 0
 
 

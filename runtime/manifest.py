@@ -212,7 +212,15 @@ def check_graph_io(manifest: Manifest, name: str, inputs: list[str], outputs: li
 
 
 def load_manifest(directory: str | Path) -> Manifest:
-    """Read the manifest of an onnxgen directory, or derive one for an optimum export."""
+    """Read the manifest of an onnxgen directory, or derive one for an optimum export, and check that this onnxgen
+    can load the directory (:func:`check_directory`)."""
+    manifest = read_manifest(directory)
+    check_directory(manifest, directory)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest of an onnxgen directory, or one derived for an optimum export, without checking its files."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ManifestError(f"model directory {str(directory)!r} does not exist or is not a directory")
@@ -230,6 +238,12 @@ def load_manifest(directory: str | Path) -> Manifest:
             f"{str(directory)!r} holds neither {MANIFEST_FILE} nor config.json; "
             "export a model first with `onnxgen export SOURCE OUTPUT_DIR`"
         )
+    return manifest
+
+
+def check_directory(manifest: Manifest, directory: str | Path) -> None:
+    """Raise ManifestError unless this onnxgen can load `directory`: its format, graphs and tokenizer."""
+    directory = Path(directory)
     if manifest.has_static_kv:
         if TOKEN_LOOKUP not in manifest.optimizations:
             precision = {"float32": "fp32", "float16": "fp16"}.get(manifest.dtype, manifest.dtype)
@@ -246,7 +260,6 @@ def load_manifest(directory: str | Path) -> Manifest:
             raise ManifestError(f"graph file {manifest.graphs[name].file!r} named in the manifest is missing")
     if not (directory / manifest.tokenizer.file).exists():
         raise ManifestError(f"tokenizer file {manifest.tokenizer.file!r} is missing from {str(directory)!r}")
-    return manifest
 
 
 def _optimum_graph_files(directory: Path, architecture: str) -> dict[str, str]:

@@ -9,7 +9,10 @@ path for every search and batching the generator does.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +184,14 @@ def test_fused_graphs_of_an_older_export_are_refused_with_the_fix(static_dir, tm
     dataclasses.replace(manifest, optimizations=manifest.optimizations[:3], format_version=1).save(old)
     with pytest.raises(ManifestError, match="re-export it: `onnxgen export SOURCE .* --optimize fused --precision fp32`"):
         load_manifest(old)
+    # `onnxgen info` still describes it, says why it cannot be loaded, and exits 2.
+    result = subprocess.run([sys.executable, "-m", "onnxgen.cli", "info", str(old)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    info = json.loads(result.stdout)
+    assert info["architecture"] == "gpt2" and info["format_version"] == 1 and info["loadable"] is False
+    assert "re-export it" in info["problem"]
+    assert result.stderr.strip().splitlines() == [f"onnxgen info: {info['problem']}"]
 
 
 def test_the_manifest_names_the_layout_and_old_manifests_still_load(static_dir, tiny_gpt2_onnx):

@@ -39,6 +39,7 @@ def test_info_prints_the_manifest(tiny_t5_onnx):
     assert result.returncode == 0
     info = json.loads(result.stdout)
     assert info["architecture"] == "t5" and info["format_version"] == 1  # portable graphs keep version 1
+    assert info["loadable"] is True and "problem" not in info
 
 
 @pytest.mark.parametrize(
