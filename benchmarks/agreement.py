@@ -10,7 +10,7 @@ for its peers on the same weights and the same token ids, so the number can be r
 
 Reference: transformers fp32 logits of the whole sequence (teacher forcing). Samples: seeded uniform random ids (the
 synthetic tokenizer has no real words), several sequences. Run with the benchmark venv, after bench.py has built
-the artifacts:
+the artifacts (it reads them as they are: rebuild them with bench.py after changing the exporter):
 
     python benchmarks/agreement.py --model gpt2 --sequences 4 --length 128
 """
@@ -110,7 +110,6 @@ def main() -> int:
         "optimum/genai int8": lambda: optimum_logits(models.path(args.model, "optimum-int8"), ids, layers, heads,
                                                      head_size),
         "ctranslate2 int8": lambda: ctranslate2_logits(models.path(args.model, "ct2"), ids, "int8"),
-        "ctranslate2 int8_float32": lambda: ctranslate2_logits(models.path(args.model, "ct2"), ids, "int8_float32"),
     }
     for name, run in engines.items():
         try:

@@ -154,7 +154,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _run_info(args: argparse.Namespace) -> int:
     """Print the manifest; a directory this onnxgen cannot load (an older format, a missing file) is still described,
-    with the reason under "problem" and on stderr, and exit code 2."""
+    with the reason under "problem" and on stderr, and exit code 2. "loadable" checks the format and that the files
+    are there; the graphs' inputs and outputs are checked when a model loads them."""
     from onnxgen.manifest import ManifestError, check_directory, read_manifest
 
     manifest = read_manifest(args.model_dir)
@@ -166,7 +167,7 @@ def _run_info(args: argparse.Namespace) -> int:
     print(json.dumps({**manifest.to_dict(), "loadable": problem is None, **({"problem": problem} if problem else {})},
                      indent=2))
     if problem:
-        print(f"onnxgen info: {problem}", file=sys.stderr)
+        print(f"onnxgen info: error: {problem}", file=sys.stderr)
         return 2
     return 0
 

@@ -226,11 +226,7 @@ def read_manifest(directory: str | Path) -> Manifest:
         raise ManifestError(f"model directory {str(directory)!r} does not exist or is not a directory")
     path = directory / MANIFEST_FILE
     if path.exists():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"{path}: not valid JSON ({exc})") from None
-        manifest = Manifest.from_dict(data)
+        manifest = Manifest.from_dict(_read_json_object(path))
     elif (directory / "config.json").exists():
         manifest = manifest_from_optimum_dir(directory)
     else:
@@ -282,10 +278,27 @@ def _optimum_graph_files(directory: Path, architecture: str) -> dict[str, str]:
     return files
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def manifest_from_optimum_dir(directory: str | Path) -> Manifest:
     """Describe a directory written by `optimum-cli export onnx` for GPT-2 or T5 (with past key values)."""
     directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    config = _read_json_object(directory / "config.json")
+    try:
+        return _manifest_from_optimum_config(directory, config)
+    except KeyError as exc:
+        raise ManifestError(f"{directory / 'config.json'}: the field {exc.args[0]!r} is missing") from None
+
+
+def _manifest_from_optimum_config(directory: Path, config: dict[str, Any]) -> Manifest:
     model_type = config.get("model_type")
     architecture = _MODEL_TYPE_TO_ARCHITECTURE.get(model_type)
     if architecture is None:

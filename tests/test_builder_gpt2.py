@@ -191,7 +191,7 @@ def test_fused_graphs_of_an_older_export_are_refused_with_the_fix(static_dir, tm
     info = json.loads(result.stdout)
     assert info["architecture"] == "gpt2" and info["format_version"] == 1 and info["loadable"] is False
     assert "re-export it" in info["problem"]
-    assert result.stderr.strip().splitlines() == [f"onnxgen info: {info['problem']}"]
+    assert result.stderr.strip().splitlines() == [f"onnxgen info: error: {info['problem']}"]
 
 
 def test_the_manifest_names_the_layout_and_old_manifests_still_load(static_dir, tiny_gpt2_onnx):

@@ -60,3 +60,22 @@ def test_bad_parameters_are_one_line_and_exit_2(tiny_gpt2_onnx, args, message):
 def test_a_missing_model_directory_is_one_line(tmp_path):
     result = onnxgen("generate", str(tmp_path / "nope"), "The cat")
     assert result.returncode == 2 and "does not exist" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "file, text, message",
+    [
+        ("onnxgen.json", "[1, 2]", "expected a JSON object, got list"),
+        ("onnxgen.json", "{not json", "not valid JSON"),
+        ("config.json", '{"model_type": "gpt2"}', "the field 'n_layer' is missing"),
+        ("config.json", '"gpt2"', "expected a JSON object, got str"),
+    ],
+)
+def test_a_malformed_directory_is_one_line_and_exit_2(tmp_path, file, text, message):
+    (tmp_path / file).write_text(text, encoding="utf-8")
+    (tmp_path / "model.onnx").write_bytes(b"")  # an optimum GPT-2 graph's name, so the config is what fails
+    for command in (["info", str(tmp_path)], ["generate", str(tmp_path), "The cat"]):
+        result = onnxgen(*command)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith(f"onnxgen {command[0]}: error:")
