@@ -86,6 +86,8 @@ class _Cohort:
         # Beam search ranks by log-probabilities, as transformers does; the processors edit a copy, and `advance`
         # reports each token's log-probability under the model's own distribution (the graph's log_softmax where
         # it returns one, else computed from the logits).
+        eos_mask = np.concatenate([self._suppress_eos(self._live(h), n) for h, n in self.rows.items()])
+        packed, processed = None, False  # packed: top-k's candidates (cols, vals, counts), drawn from as they are
         if self.is_beam_row.all():
             scores = log_softmax(self.logits) if self.logprobs is None else self.logprobs.copy()
         else:
@@ -93,15 +95,26 @@ class _Cohort:
             if self.is_beam_row.any():
                 beams = self.is_beam_row
                 scores[beams] = log_softmax(scores[beams]) if self.logprobs is None else self.logprobs[beams]
-        eos_mask = np.concatenate([self._suppress_eos(self._live(h), n) for h, n in self.rows.items()])
-        scores = self.chain(self.history, scores, eos_mask, eos_ids)
+            elif self.chain.top_k_last:
+                # Per-step NumPy work costs ~3.5x its warm time right after the weights streamed through the caches
+                # (benchmarks/step_overhead.py), so sampling skips the vocabulary-wide -inf row and its re-packing.
+                scores, packed = self.chain.filter_for_sampling(self.history, scores, eos_mask, eos_ids)
+                processed = True
+        if not processed:
+            scores = self.chain(self.history, scores, eos_mask, eos_ids)
         events, keep, tokens, offset = [], [], [], 0
         for handle, n in list(self.rows.items()):
             entry = self._live(handle)
             if n and entry is not None:
                 rows = slice(offset, offset + n)
                 logprobs = None if self.logprobs is None else self.logprobs[rows]
-                entry.search.advance(scores[rows], self.logits[rows], logprobs)
+                if packed is not None:
+                    cols, vals, counts = packed
+                    width = max(int(counts[rows].max()), 1)  # what packing these rows alone gives
+                    candidates = (cols[rows, :width], vals[rows, :width])
+                    entry.search.advance(None, self.logits[rows], logprobs, candidates)
+                else:
+                    entry.search.advance(scores[rows], self.logits[rows], logprobs)
                 events.extend(events_of(handle, entry))
                 parents, next_tokens = entry.search.next_rows()
                 keep.append(parents + offset)

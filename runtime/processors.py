@@ -133,28 +133,47 @@ def _top_k_grouped(scores: np.ndarray, groups) -> np.ndarray:
 
 
 def _keep_top_k(scores: np.ndarray, k: int) -> None:
-    """Top-k of every row of ``scores`` (R, V), in place.
+    """Top-k of every row of ``scores`` (R, V), in place."""
+    n_rows, vocab = scores.shape
+    if k >= vocab:
+        return
+    found = top_k_candidates(scores, k)
+    if found is not None:
+        cols, vals, _ = found
+        r, j = np.nonzero(vals > -np.inf)
+        scores.fill(_NEG_INF)
+        scores[r, cols[r, j]] = vals[r, j]
+        return
+    kth = np.partition(scores, vocab - k, axis=1)[:, vocab - k]
+    np.copyto(scores, _NEG_INF, where=scores < kth[:, None])
+
+
+def top_k_candidates(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """What top-k keeps of each row of ``scores`` (R, V), packed as :func:`pack_finite` would pack the filtered
+    rows: ``cols`` (R, W) ascending, ``vals`` (R, W) -inf padded, ``counts`` (R,) — its finite entries that are at
+    least the row's k-th largest, ties included. None where this shortcut does not apply (k too large for it, or NaN
+    scores); then partition the whole row.
 
     The k-th largest of every `_STRIDE`-th score is at most the row's k-th largest, so only the scores at or above
     it (about `_STRIDE` x k of them) need partitioning: about half the cost of partitioning the whole row.
     """
-    n_rows, vocab = scores.shape
-    if k >= vocab:
-        return
     sample = scores[:, ::_STRIDE]
     width = sample.shape[1]
-    if width >= 4 * k:
-        bound = np.partition(sample, width - k, axis=1)[:, width - k]
-        cols, vals, counts = pack(scores, scores >= bound[:, None])  # (R, W) candidates, -inf padded
-        if counts.min() >= k:  # always, unless NaN scores made the bound meaningless
-            kth = np.partition(vals, vals.shape[1] - k, axis=1)[:, vals.shape[1] - k]
-            r, j = np.nonzero((vals >= kth[:, None]) & (np.arange(vals.shape[1]) < counts[:, None]))
-            kept = vals[r, j]
-            scores.fill(_NEG_INF)
-            scores[r, cols[r, j]] = kept
-            return
-    kth = np.partition(scores, vocab - k, axis=1)[:, vocab - k]
-    np.copyto(scores, _NEG_INF, where=scores < kth[:, None])
+    if k >= scores.shape[1] or width < 4 * k:
+        return None
+    bound = np.partition(sample, width - k, axis=1)[:, width - k]
+    cols, vals, counts = pack(scores, scores >= bound[:, None])  # (R, W) candidates, -inf padded
+    if counts.min() < k:  # only when NaN scores made the bound meaningless
+        return None
+    kth = np.partition(vals, vals.shape[1] - k, axis=1)[:, vals.shape[1] - k]
+    keep = (vals >= kth[:, None]) & (vals > -np.inf)  # a row with fewer than k finite scores keeps just those
+    if keep.all():
+        return cols, vals, counts
+    if keep.shape[0] == 1:  # one row: no slot arithmetic
+        j = np.flatnonzero(keep[0])
+        return cols[:, j], vals[:, j], np.array([j.size])
+    slots, kept, counts = pack(vals, keep)
+    return np.take_along_axis(cols, slots, axis=1), kept, counts
 
 
 def top_p(scores: np.ndarray, p, min_tokens_to_keep=1) -> np.ndarray:
@@ -351,6 +370,12 @@ class LogitsChain:
         ]
         self.steps = [(name, step) for name, needed, step in candidates if np.any(needed)]
         self.names = [name for name, _ in self.steps]
+        # Every row samples and top-k (one k for all rows) is the last step: the sampler can draw from top-k's
+        # packed candidates instead of a vocabulary-wide row of -inf it would pack again (`filter_for_sampling`).
+        self.top_k_last = (
+            bool(self.names) and self.names[-1] == "top_k" and bool(params.do_sample.all()) and len(k_groups) == 1 and k_groups[0][0] is None
+        )
+        self._k = k_groups[0][1] if self.top_k_last else 0
         # Every row alike (one prompt's beams or samples): reordering rows gives back the same chain.
         self.uniform = all(np.all(getattr(params, f.name) == getattr(params, f.name)[:1]) for f in fields(params))
 
@@ -366,6 +391,23 @@ class LogitsChain:
             elif eos_suppress_mask is not None:
                 scores = suppress_tokens(scores, eos_suppress_mask, eos_ids)
         return scores
+
+    def filter_for_sampling(
+        self, input_ids: np.ndarray, scores: np.ndarray, eos_suppress_mask=None, eos_ids=()
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+        """For a chain with :attr:`top_k_last`: run it and return ``(scores, packed)``. ``packed`` is top-k's
+        ``(cols, vals, counts)`` (see :func:`top_k_candidates`) when every row's draw would pack its scores anyway
+        (fewer than a quarter of them kept, as :func:`onnxgen.sampling.sample` decides); the dense ``scores`` are
+        then left before top-k. Otherwise ``packed`` is None and ``scores`` are what ``__call__`` returns."""
+        for _, step in self.steps[:-1]:
+            if step is not None:
+                scores = step(input_ids, scores)
+            elif eos_suppress_mask is not None:
+                scores = suppress_tokens(scores, eos_suppress_mask, eos_ids)
+        found = top_k_candidates(scores, self._k)
+        if found is not None and 4 * int(found[2].max()) < scores.shape[1]:
+            return scores, found
+        return _top_k_grouped(scores, [(None, self._k)]), None
 
     def take(self, indices) -> LogitsChain:
         """The chain of the rows at `indices`; beam search reorders rows every step, so keep that cheap."""

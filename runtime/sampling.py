@@ -37,10 +37,25 @@ def sample(scores: np.ndarray, rngs) -> np.ndarray:
     if len(rngs) != n_rows:
         raise ValueError(f"sample needs one generator per row: {n_rows} rows, got {len(rngs)} generators")
     u = np.fromiter((g.random() for g in rngs), dtype=np.float64, count=n_rows)
-    cols, vals = None, scores
     finite = scores > -np.inf
     if 4 * np.count_nonzero(finite) < finite.size:  # mostly filtered: pack each row's finite entries
         cols, vals, _ = pack(scores, finite)
+        return _draw(cols, vals, u)
+    return _draw(None, scores, u)
+
+
+def sample_packed(cols: np.ndarray, vals: np.ndarray, rngs) -> np.ndarray:
+    """:func:`sample` over scores already packed (``cols`` (R, W) their columns, ``vals`` (R, W) -inf padded, each
+    row's finite entries in ascending column order, as top-k's candidates come): the same draw, without a
+    vocabulary-wide row."""
+    n_rows = vals.shape[0]
+    if len(rngs) != n_rows:
+        raise ValueError(f"sample needs one generator per row: {n_rows} rows, got {len(rngs)} generators")
+    return _draw(cols, vals, np.fromiter((g.random() for g in rngs), dtype=np.float64, count=n_rows))
+
+
+def _draw(cols: np.ndarray | None, vals: np.ndarray, u: np.ndarray) -> np.ndarray:
+    n_rows = vals.shape[0]
     top = vals.max(axis=1)
     if (top == -np.inf).any():
         row = int(np.flatnonzero(top == -np.inf)[0])

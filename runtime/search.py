@@ -13,7 +13,7 @@ import numpy as np
 
 from .beam_search import BeamSearch
 from .config import DecodingPlan
-from .sampling import greedy, make_row_rng, sample, token_logprobs
+from .sampling import greedy, make_row_rng, sample, sample_packed, token_logprobs
 
 
 @dataclass
@@ -54,11 +54,19 @@ class SamplingSearch:
         generated = np.array([len(self.tokens[s]) for s in self.live])
         return generated < self.min_new
 
-    def advance(self, scores: np.ndarray, logits: np.ndarray, logprobs: np.ndarray | None = None) -> None:
-        """Pick one token per live row from processed `scores` (R, V); finish rows on EOS or length.
+    def advance(
+        self, scores: np.ndarray | None, logits: np.ndarray, logprobs: np.ndarray | None = None, candidates=None
+    ) -> None:
+        """Pick one token per live row from processed `scores` (R, V), or, for sampling, from `candidates`: the
+        same scores packed as (cols, vals) (`LogitsChain.filter_for_sampling`); finish rows on EOS or length.
         Log-probs are reported under the model's own distribution (`logits`, or their log_softmax `logprobs`
         where the model computed it), before any processor."""
-        tokens = sample(scores, [self.rngs[s] for s in self.live]) if self.do_sample else greedy(scores)
+        if candidates is not None:
+            tokens = sample_packed(*candidates, [self.rngs[s] for s in self.live])
+        elif self.do_sample:
+            tokens = sample(scores, [self.rngs[s] for s in self.live])
+        else:
+            tokens = greedy(scores)
         if logprobs is None:
             logprobs = token_logprobs(logits, tokens)
         else:
@@ -123,7 +131,8 @@ class BeamGroupSearch:
     def suppress_eos(self) -> np.ndarray:
         return np.full(self.beams.num_beams, self.beams.generated < self.min_new)
 
-    def advance(self, scores: np.ndarray, logits: np.ndarray, logprobs: np.ndarray | None = None) -> None:
+    def advance(self, scores: np.ndarray, logits: np.ndarray, logprobs: np.ndarray | None = None,
+                candidates=None) -> None:
         self._parents, self._tokens = self.beams.advance(scores)
 
     def next_rows(self) -> tuple[np.ndarray, np.ndarray]:

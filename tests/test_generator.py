@@ -250,3 +250,38 @@ def test_beam_top_indices_are_the_k_largest_best_first_lower_index_on_ties(k):
             values[rng.random(size) < 0.9] = -np.inf  # mostly masked rows
         expected = np.lexsort((np.arange(size), -values))[: min(k, size)]
         np.testing.assert_array_equal(_top_indices(values, k), expected)
+
+
+def test_sampling_from_top_k_candidates_gives_the_dense_path_tokens(monkeypatch):
+    """Sampling rows whose chain ends in top-k draw from its packed candidates; forcing the dense path (filtered
+    -inf rows, then `sample`) must give the same tokens for the same seeds, in a batch shared with greedy rows."""
+    from onnxgen.processors import LogitsChain
+
+    class WideModel(TableModel):
+        """Next-token logits over 4096 tokens, a fixed random function of the last token: wide enough for top-k's
+        candidates to be packed."""
+
+        vocab_size = 4096
+
+        def logits_for(self, history):
+            return np.stack([np.random.default_rng(h[-1]).standard_normal(4096).astype(np.float32) * 3 for h in history])
+
+    prompts = [[3, 4], [7], [2, 9, 5]]
+    plans = [plan(do_sample=True, top_k=20, max_new_tokens=9, seed=4, num_return_sequences=3),
+             plan(do_sample=True, top_k=20, temperature=0.7, max_new_tokens=6, seed=8),
+             plan(do_sample=True, top_k=20, max_new_tokens=7, seed=1, min_new_tokens=5)]
+    calls = []
+    original = LogitsChain.filter_for_sampling
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(LogitsChain, "filter_for_sampling", counted)
+    packed, _ = run(WideModel(), prompts, plans)
+    assert calls  # the packed path ran
+    assert len({t for outs in packed for o in outs for t in o.token_ids}) > 10  # real draws, not a few argmaxes
+    monkeypatch.setattr(LogitsChain, "filter_for_sampling", lambda self, ids, scores, *rest: (self(ids, scores, *rest), None))
+    dense, _ = run(WideModel(), prompts, plans)
+    assert [[o.token_ids for o in outs] for outs in packed] == [[o.token_ids for o in outs] for outs in dense]
+    assert [[o.logprobs for o in outs] for outs in packed] == [[o.logprobs for o in outs] for outs in dense]

@@ -130,3 +130,55 @@ def test_token_logprobs_match_torch_log_softmax():
     expected = torch.log_softmax(torch.tensor(scores), dim=-1).numpy()[np.arange(5), ids]
     assert ours.dtype == np.float32
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-5)
+
+
+def _dense_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Top-k by a full sort: the reference the packed candidates are checked against."""
+    out = scores.copy()
+    for row in out:
+        if k < row.size:
+            kth = np.sort(row)[-k]
+            row[row < kth] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("rows, vocab, k", [(1, 50_257, 50), (5, 32_128, 50), (3, 4_000, 7), (4, 20_000, 300)])
+def test_top_k_candidates_are_what_packing_the_filtered_rows_gives(rows, vocab, k):
+    rng = np.random.default_rng(rows * vocab + k)
+    scores = rng.standard_normal((rows, vocab)).astype(np.float32)
+    scores[0, rng.integers(0, vocab, 40)] = -np.inf  # suppressed tokens
+    scores[-1, :] = np.round(scores[-1] * 2) / 2  # many ties at the k-th score
+    found = P.top_k_candidates(scores, k)
+    assert found is not None
+    assert P.top_k_candidates(scores, vocab // 16) is None  # too few strided samples: partition whole rows
+    cols, vals, counts = found
+    want_cols, want_vals, want_counts = P.pack_finite(_dense_top_k(scores, k))
+    np.testing.assert_array_equal(counts, want_counts)
+    np.testing.assert_array_equal(vals, want_vals)
+    valid = np.arange(vals.shape[1]) < counts[:, None]
+    np.testing.assert_array_equal(np.where(valid, cols, -1), np.where(valid, want_cols, -1))
+    dense = scores.copy()
+    P.top_k(dense, k)  # the in-place filter goes through the same candidates
+    np.testing.assert_array_equal(dense, _dense_top_k(scores, k))
+
+
+def test_top_k_candidates_leave_rows_with_fewer_finite_scores_than_k_to_them():
+    scores = np.full((2, 4_000), -np.inf, dtype=np.float32)
+    scores[0, [5, 900, 3_000]] = [1.0, 2.0, 0.5]  # 3 finite scores, k = 10
+    scores[1] = np.random.default_rng(0).standard_normal(4_000)
+    cols, vals, counts = P.top_k_candidates(scores, 10)
+    assert counts.tolist() == [3, 10]
+    assert cols[0, :3].tolist() == [5, 900, 3_000] and vals[0, 3:].tolist() == [-np.inf] * 7
+
+
+def test_packed_draws_equal_dense_draws_seed_for_seed():
+    """The generator draws from top-k's packed candidates (sample_packed); a seed must give what sample() gives
+    on the filtered dense rows, row by row and in a batch."""
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        rows, vocab, k = int(rng.integers(1, 6)), int(rng.choice([2_000, 32_128, 50_257])), int(rng.choice([1, 5, 50]))
+        scores = (rng.standard_normal((rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
+        cols, vals, counts = P.top_k_candidates(scores, k)
+        dense = _dense_top_k(scores, k)
+        seeds = [S.make_row_rng(trial, i) for i in range(rows)], [S.make_row_rng(trial, i) for i in range(rows)]
+        np.testing.assert_array_equal(S.sample_packed(cols, vals, seeds[0]), S.sample(dense, seeds[1]))
