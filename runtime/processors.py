@@ -171,8 +171,9 @@ def top_k_candidates(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
         return cols, vals, counts
     if keep.shape[0] == 1:  # one row: no slot arithmetic
         j = np.flatnonzero(keep[0])
-        return cols[:, j], vals[:, j], np.array([j.size])
-    slots, kept, counts = pack(vals, keep)
+        if j.size:
+            return cols[:, j], vals[:, j], np.array([j.size])
+    slots, kept, counts = pack(vals, keep)  # a row with nothing finite gets one -inf slot, as pack_finite gives it
     return np.take_along_axis(cols, slots, axis=1), kept, counts
 
 

@@ -182,3 +182,13 @@ def test_packed_draws_equal_dense_draws_seed_for_seed():
         dense = _dense_top_k(scores, k)
         seeds = [S.make_row_rng(trial, i) for i in range(rows)], [S.make_row_rng(trial, i) for i in range(rows)]
         np.testing.assert_array_equal(S.sample_packed(cols, vals, seeds[0]), S.sample(dense, seeds[1]))
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_row_with_nothing_left_to_sample_is_the_same_error_packed_or_dense(rows):
+    scores = np.full((rows, 4_096), -np.inf, dtype=np.float32)
+    cols, vals, counts = P.top_k_candidates(scores, 5)
+    assert counts.tolist() == [0] * rows and vals.shape == (rows, 1)
+    for draw in (lambda rngs: S.sample_packed(cols, vals, rngs), lambda rngs: S.sample(scores, rngs)):
+        with pytest.raises(ValueError, match="cannot sample row 0: every score is -inf"):
+            draw([S.make_row_rng(0, i) for i in range(rows)])
