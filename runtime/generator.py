@@ -57,7 +57,7 @@ class _Cohort:
         # log_softmax(logits) when the graph computes it (the static layouts); else computed here where needed
         self.logprobs = None if prefill.logprobs is None else prefill.logprobs[rows]
         self.history = prefill.history[rows]
-        self.is_beam_row = np.repeat([p.is_beam_search for p in plans], counts)
+        self._set_beam_rows(np.repeat([p.is_beam_search for p in plans], counts))
         self.chain = LogitsChain(RowParams.concat(row_params))
         self.rows = dict(zip(handles, counts.tolist()))  # prompt -> its rows in this batch, in row order
         self.entries = entries  # the generator's: a prompt popped from it has its rows dropped at the next step
@@ -78,21 +78,25 @@ class _Cohort:
         self.logits = np.concatenate([self.logits, other.logits])
         both = self.logprobs is not None and other.logprobs is not None
         self.logprobs = np.concatenate([self.logprobs, other.logprobs]) if both else None
-        self.is_beam_row = np.concatenate([self.is_beam_row, other.is_beam_row])
+        self._set_beam_rows(np.concatenate([self.is_beam_row, other.is_beam_row]))
         self.chain = LogitsChain(RowParams.concat([self.chain.params, other.chain.params]))
         self.rows.update(other.rows)
+
+    def _set_beam_rows(self, is_beam_row: np.ndarray) -> None:
+        self.is_beam_row = is_beam_row
+        self.all_beams, self.any_beams = bool(is_beam_row.all()), bool(is_beam_row.any())  # asked every step
 
     def step(self, eos_ids: np.ndarray, events_of) -> list[TokenEvent]:
         # Beam search ranks by log-probabilities, as transformers does; the processors edit a copy, and `advance`
         # reports each token's log-probability under the model's own distribution (the graph's log_softmax where
         # it returns one, else computed from the logits).
-        eos_mask = np.concatenate([self._suppress_eos(self._live(h), n) for h, n in self.rows.items()])
+        eos_mask = self._eos_mask()
         packed, processed = None, False  # packed: top-k's candidates (cols, vals, counts), drawn from as they are
-        if self.is_beam_row.all():
+        if self.all_beams:
             scores = log_softmax(self.logits) if self.logprobs is None else self.logprobs.copy()
         else:
             scores = self.logits.copy()
-            if self.is_beam_row.any():
+            if self.any_beams:
                 beams = self.is_beam_row
                 scores[beams] = log_softmax(scores[beams]) if self.logprobs is None else self.logprobs[beams]
             elif self.chain.top_k_last:
@@ -103,6 +107,8 @@ class _Cohort:
         if not processed:
             scores = self.chain(self.history, scores, eos_mask, eos_ids)
         events, keep, tokens, offset = [], [], [], 0
+        every_row_kept = True  # in order: the model state needs no select
+        whole_batch = len(self.rows) == 1  # one prompt's rows are the batch: no slicing of `packed`
         for handle, n in list(self.rows.items()):
             entry = self._live(handle)
             if n and entry is not None:
@@ -110,37 +116,46 @@ class _Cohort:
                 logprobs = None if self.logprobs is None else self.logprobs[rows]
                 if packed is not None:
                     cols, vals, counts = packed
-                    width = max(int(counts[rows].max()), 1)  # what packing these rows alone gives
-                    candidates = (cols[rows, :width], vals[rows, :width])
+                    if whole_batch:
+                        candidates = (cols, vals)
+                    else:
+                        width = max(int(counts[rows].max()), 1)  # what packing these rows alone gives
+                        candidates = (cols[rows, :width], vals[rows, :width])
                     entry.search.advance(None, self.logits[rows], logprobs, candidates)
                 else:
                     entry.search.advance(scores[rows], self.logits[rows], logprobs)
                 events.extend(events_of(handle, entry))
                 parents, next_tokens = entry.search.next_rows()
+                every_row_kept = every_row_kept and entry.search.kept_every_row
                 keep.append(parents + offset)
                 tokens.append(next_tokens)
                 self.rows[handle] = len(parents)
             else:
                 self.rows[handle] = 0
+                every_row_kept = every_row_kept and n == 0
             offset += n
         self.rows = {h: n for h, n in self.rows.items() if n}
         if keep:
-            self._advance_batch(np.concatenate(keep), np.concatenate(tokens))
+            self._advance_batch(np.concatenate(keep), np.concatenate(tokens), every_row_kept)
         return events
 
-    @staticmethod
-    def _suppress_eos(entry: _Entry | None, rows: int) -> np.ndarray:
-        if entry is None or rows == 0:
-            return np.zeros(rows, dtype=bool)
-        return entry.search.suppress_eos()
+    def _eos_mask(self) -> np.ndarray | None:
+        """Which rows may not end yet (below their minimum length); None when no row is."""
+        flags = [entry is not None and entry.search.suppresses_eos()
+                 for entry in map(self._live, self.rows)]  # fmt: skip
+        if not any(flags):
+            return None
+        if all(flags):
+            return np.ones(sum(self.rows.values()), dtype=bool)
+        return np.repeat(flags, list(self.rows.values()))
 
-    def _advance_batch(self, keep: np.ndarray, tokens: np.ndarray) -> None:
+    def _advance_batch(self, keep: np.ndarray, tokens: np.ndarray, every_row_kept: bool = False) -> None:
         if keep.size == 0:
             return  # every row finished: no model call
-        if keep.size != self.state.num_rows or np.any(keep != np.arange(keep.size)):
+        if not every_row_kept and (keep.size != self.state.num_rows or np.any(keep != np.arange(keep.size))):
             self.state.select(keep)
             self.history = self.history[keep]
-            self.is_beam_row = self.is_beam_row[keep]
+            self._set_beam_rows(self.is_beam_row[keep])
             self.chain = self.chain.take(keep)
         self.history = np.concatenate([self.history, tokens[:, None]], axis=1)
         self.logits = self.state.step(tokens)

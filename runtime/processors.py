@@ -83,8 +83,11 @@ def suppress_tokens(scores: np.ndarray, rows_mask: np.ndarray, token_ids) -> np.
 
     transformers only installs these when an EOS id is known and the minimum is > 0.
     """
-    rows = np.flatnonzero(rows_mask)
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if rows_mask.all():  # the usual case: every row is still short
+        scores[:, ids] = _NEG_INF
+        return scores
+    rows = np.flatnonzero(rows_mask)
     if rows.size and ids.size:
         scores[rows[:, None], ids[None, :]] = _NEG_INF
     return scores
@@ -144,6 +147,13 @@ def _keep_top_k(scores: np.ndarray, k: int) -> None:
         scores.fill(_NEG_INF)
         scores[r, cols[r, j]] = vals[r, j]
         return
+    if n_rows > 1 and -(-vocab // _STRIDE) >= 4 * k:  # the shortcut applied by size (top_k_candidates)
+        # Some row's NaN scores defeated the shortcut. Each row on its own then, so that the other rows still take
+        # it: the shortcut drops a row's NaN scores and the whole-row partition keeps them, and a row's result must
+        # not depend on what shares its batch.
+        for row in range(n_rows):
+            _keep_top_k(scores[row : row + 1], k)
+        return
     kth = np.partition(scores, vocab - k, axis=1)[:, vocab - k]
     np.copyto(scores, _NEG_INF, where=scores < kth[:, None])
 
@@ -161,6 +171,8 @@ def top_k_candidates(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     width = sample.shape[1]
     if k >= scores.shape[1] or width < 4 * k:
         return None
+    if scores.shape[0] == 1:
+        return _top_k_candidates_of_row(scores[0], sample[0], k)
     bound = np.partition(sample, width - k, axis=1)[:, width - k]
     cols, vals, counts = pack(scores, scores >= bound[:, None])  # (R, W) candidates, -inf padded
     if counts.min() < k:  # only when NaN scores made the bound meaningless
@@ -175,6 +187,24 @@ def top_k_candidates(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
             return cols[:, j], vals[:, j], np.array([j.size])
     slots, kept, counts = pack(vals, keep)  # a row with nothing finite gets one -inf slot, as pack_finite gives it
     return np.take_along_axis(cols, slots, axis=1), kept, counts
+
+
+def _top_k_candidates_of_row(row: np.ndarray, sample: np.ndarray, k: int):
+    """`top_k_candidates` of one row with 1-D calls: batch 1 decodes, a third faster than the 2-D route."""
+    width = sample.shape[0]
+    bound = np.partition(sample, width - k)[width - k]
+    cols = np.flatnonzero(row >= bound)
+    if cols.size < k:  # only when NaN scores made the bound meaningless
+        return None
+    vals = row[cols]
+    kth = np.partition(vals, cols.size - k)[cols.size - k]
+    # kth is -inf only in a row with fewer than k finite scores; it keeps just those (none: one -inf slot)
+    kept = np.flatnonzero(vals >= kth) if kth > -np.inf else np.flatnonzero(vals > -np.inf)
+    if kept.size == cols.size:
+        return cols[None], vals[None], np.array([cols.size])
+    if kept.size == 0:
+        return cols[None, :1], np.full((1, 1), _NEG_INF, row.dtype), np.array([0])  # as `pack` pads it
+    return cols[kept][None], vals[kept][None], np.array([kept.size])
 
 
 def top_p(scores: np.ndarray, p, min_tokens_to_keep=1) -> np.ndarray:

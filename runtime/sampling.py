@@ -55,7 +55,16 @@ def sample_packed(cols: np.ndarray, vals: np.ndarray, rngs) -> np.ndarray:
 
 
 def _draw(cols: np.ndarray | None, vals: np.ndarray, u: np.ndarray) -> np.ndarray:
-    n_rows = vals.shape[0]
+    n_rows, width = vals.shape
+    if n_rows == 1 and width <= _BLOCK:  # the common draw (batch 1 after top-k): 1-D calls, a third of the time
+        row = vals[0]
+        top = row.max()
+        if top == -np.inf:
+            raise ValueError("cannot sample row 0: every score is -inf (all tokens were filtered out)")
+        ccum = np.cumsum(np.exp(row - top), dtype=np.float64)
+        total = ccum[-1]
+        pick = min(int(ccum.searchsorted(u[0] * total, "right")), int(ccum.searchsorted(total, "left")))
+        return np.array([pick if cols is None else cols[0, pick]], dtype=np.int64)
     top = vals.max(axis=1)
     if (top == -np.inf).any():
         row = int(np.flatnonzero(top == -np.inf)[0])
@@ -65,19 +74,24 @@ def _draw(cols: np.ndarray | None, vals: np.ndarray, u: np.ndarray) -> np.ndarra
     return pick if cols is None else cols[np.arange(n_rows), pick]
 
 
-def _inverse_cdf(weights: np.ndarray, u: np.ndarray, block: int = 256) -> np.ndarray:
+_BLOCK = 256  # the inverse CDF searches blocks of this many entries first, then one block
+
+
+def _inverse_cdf(weights: np.ndarray, u: np.ndarray, block: int = _BLOCK) -> np.ndarray:
     """For weights (R, W) >= 0 with a positive total, the first index whose cumulative weight exceeds u * total.
 
     Entries of weight 0 are never returned: should rounding put the target at the total, the last positive
-    entry is taken instead.
+    entry is taken instead. A row of at most one block takes its total from the float64 running sum, so a row
+    drawn alone (`_draw`'s 1-D path) and in a batch agree.
     """
     n_rows, width = weights.shape
+    if width <= block:  # one block (e.g. after top-k): the same search without the block level
+        ccum = np.cumsum(weights, axis=1, dtype=np.float64)
+        total = ccum[:, -1:]
+        return np.minimum((ccum <= u[:, None] * total).sum(axis=1), (ccum < total).sum(axis=1))
     rows = np.arange(n_rows)
     csum = np.cumsum(np.add.reduceat(weights, np.arange(0, width, block), axis=1, dtype=np.float64), axis=1)
     target = u * csum[:, -1]
-    if width <= block:  # one block (e.g. after top-k): the same search without the block level
-        ccum = np.cumsum(weights, axis=1, dtype=np.float64)
-        return np.minimum((ccum <= target[:, None]).sum(axis=1), (ccum < ccum[:, -1:]).sum(axis=1))
     b = np.minimum((csum <= target[:, None]).sum(axis=1), (csum < csum[:, -1:]).sum(axis=1))
     rest = target - np.where(b > 0, csum[rows, b - 1], 0.0)
     cols = b[:, None] * block + np.arange(block)  # (R, block): the entries of the chosen block

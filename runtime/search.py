@@ -35,7 +35,7 @@ class SamplingSearch:
         self.do_sample = plan.do_sample
         self.rngs = [make_row_rng(plan.seed, i) for i in range(n)] if plan.do_sample else []
         self.min_new, self.max_new = min_new, max_new
-        self.eos = np.asarray(eos_token_ids, dtype=np.int64)
+        self.eos = frozenset(int(t) for t in eos_token_ids)
         self.live = list(range(n))  # sequence index of each live row, in row order
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.logprobs: list[list[float]] = [[] for _ in range(n)]
@@ -50,9 +50,14 @@ class SamplingSearch:
     def done(self) -> bool:
         return not self.live
 
-    def suppress_eos(self) -> np.ndarray:
-        generated = np.array([len(self.tokens[s]) for s in self.live])
-        return generated < self.min_new
+    def suppresses_eos(self) -> bool:
+        """Are the rows still short of their minimum length (EOS forbidden)? Live rows have stepped alike."""
+        return bool(self.live) and len(self.tokens[self.live[0]]) < self.min_new
+
+    @property
+    def kept_every_row(self) -> bool:
+        """Did the last step's rows all go on, in their order (`next_rows` is then the identity)?"""
+        return len(self.live) == len(self.stepped)
 
     def advance(
         self, scores: np.ndarray | None, logits: np.ndarray, logprobs: np.ndarray | None = None, candidates=None
@@ -72,17 +77,20 @@ class SamplingSearch:
         else:
             logprobs = logprobs[np.arange(tokens.shape[0]), tokens]
         self.stepped = list(self.live)  # the sequence behind each row of this step
-        for row, seq in enumerate(self.stepped):
-            self.tokens[seq].append(int(tokens[row]))
-            self.logprobs[seq].append(float(logprobs[row]))
-            if self.eos.size and tokens[row] in self.eos:
+        for seq, token, logprob in zip(self.stepped, tokens.tolist(), logprobs.tolist()):
+            self.tokens[seq].append(token)
+            self.logprobs[seq].append(logprob)
+            if token in self.eos:
                 self.finish_sequence(seq, "eos")
             elif len(self.tokens[seq]) >= self.max_new:
                 self.finish_sequence(seq, "length")
 
     def next_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """Which rows of this step go on (positions in the step's rows), and the token each feeds next."""
-        rows = np.array([self.stepped.index(seq) for seq in self.live], dtype=np.int64)
+        if self.kept_every_row:
+            rows = np.arange(len(self.live))
+        else:
+            rows = np.array([self.stepped.index(seq) for seq in self.live], dtype=np.int64)
         tokens = np.array([self.tokens[seq][-1] for seq in self.live], dtype=np.int64)
         return rows, tokens
 
@@ -128,8 +136,10 @@ class BeamGroupSearch:
     def done(self) -> bool:
         return self.beams.done or self.cancelled
 
-    def suppress_eos(self) -> np.ndarray:
-        return np.full(self.beams.num_beams, self.beams.generated < self.min_new)
+    def suppresses_eos(self) -> bool:
+        return self.beams.generated < self.min_new
+
+    kept_every_row = False  # beams are reordered at every step
 
     def advance(self, scores: np.ndarray, logits: np.ndarray, logprobs: np.ndarray | None = None,
                 candidates=None) -> None:

@@ -192,3 +192,53 @@ def test_a_row_with_nothing_left_to_sample_is_the_same_error_packed_or_dense(row
     for draw in (lambda rngs: S.sample_packed(cols, vals, rngs), lambda rngs: S.sample(scores, rngs)):
         with pytest.raises(ValueError, match="cannot sample row 0: every score is -inf"):
             draw([S.make_row_rng(0, i) for i in range(rows)])
+
+
+def _mixed_rows(vocab: int, seed: int) -> np.ndarray:
+    """Rows that take every branch of top-k's candidates: plain, ties at the k-th score, fewer finite scores than
+    k, nothing finite."""
+    rng = np.random.default_rng(seed)
+    scores = (rng.standard_normal((4, vocab)) * 2).astype(np.float32)
+    scores[1] = np.round(scores[1])  # ties
+    scores[2, rng.permutation(vocab)[5:]] = -np.inf  # 5 finite scores
+    scores[3] = -np.inf
+    return scores
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_top_k_candidates_of_a_row_alone_are_its_row_in_a_batch(k):
+    """Batch 1 takes a 1-D route through the candidates; it must give what the batched route gives that row."""
+    scores = _mixed_rows(50_257, k)
+    cols, vals, counts = P.top_k_candidates(scores, k)
+    for row in range(scores.shape[0]):
+        alone = P.top_k_candidates(scores[row : row + 1], k)
+        n = int(counts[row])
+        assert alone[2].tolist() == [n]
+        assert alone[1].shape[1] == max(n, 1)
+        np.testing.assert_array_equal(alone[1][0, :n], vals[row, :n])
+        np.testing.assert_array_equal(alone[0][0, :n], cols[row, :n])
+
+
+def test_packed_draws_of_a_row_alone_are_its_draws_in_a_batch():
+    """Batch 1 draws with 1-D calls (`_draw`); a seeded row must get the token the batched draw gives it."""
+    for trial in range(20):
+        scores = _mixed_rows(32_128, trial)[:3]  # the row with nothing finite cannot be drawn from
+        cols, vals, counts = P.top_k_candidates(scores, 50)
+        batched = S.sample_packed(cols, vals, [S.make_row_rng(trial, i) for i in range(3)])
+        for row in range(3):
+            width = max(int(counts[row]), 1)
+            alone = S.sample_packed(cols[row : row + 1, :width], vals[row : row + 1, :width], [S.make_row_rng(trial, row)])
+            assert alone.tolist() == [batched[row]]
+            assert scores[row, alone[0]] > -np.inf
+
+
+def test_top_k_of_a_row_does_not_depend_on_another_rows_nan_scores():
+    """A row of NaNs defeats top-k's shortcut for itself; the other rows must still get what they get alone."""
+    scores = (np.random.default_rng(3).standard_normal((3, 50_257)) * 2).astype(np.float32)
+    scores[0] = np.nan
+    scores[1, [7, 4_000, 30_001]] = np.nan  # a few NaNs: the shortcut still works for this row, and drops them
+    alone = [P.top_k(scores[row : row + 1].copy(), 50) for row in range(3)]
+    batched = P.top_k(scores.copy(), 50)
+    for row in range(3):
+        np.testing.assert_array_equal(batched[row], alone[row][0])
+    assert np.count_nonzero(batched[1] > -np.inf) == 50 and not np.isnan(batched[1]).any()

@@ -130,7 +130,8 @@ class StaticDecoderState:
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         """Append one token per row ((R,) int64); return the next-token logits (R, V)."""
-        self._reserve(int(self.lengths.max()) + 1)
+        longest = int(self.lengths.max()) + 1  # tokens in the longest row after this step
+        self._reserve(longest)
         io = self._io
         if io is None:
             rows = self.num_rows
@@ -142,7 +143,7 @@ class StaticDecoderState:
         self.model.token_table.lookup(token_ids, out=io.inputs_embeds[:, 0])
         io.position_ids[:, 0] = self.lengths  # the new token's position is the count of tokens before it
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1
-        io.total[...] = self.lengths.max() + 1
+        io.total[...] = longest
         self.model.session.run_with_iobinding(io.binding)
         self.lengths += 1
         self.logprobs = io.logprobs.copy()  # the next step overwrites both

@@ -140,11 +140,12 @@ class StaticEncoderDecoderState:
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         """Append one decoder token per row ((R,) int64); return the next-token logits (R, V)."""
-        self._reserve(int(self.lengths.max()) + 1)
+        longest = int(self.lengths.max()) + 1  # tokens in the longest row after this step
+        self._reserve(longest)
         io = self._io = self._io or self._bind()
         self.model.token_table.lookup(token_ids, out=io.inputs_embeds[:, 0])
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1: the new token's position
-        io.total[...] = self.lengths.max() + 1
+        io.total[...] = longest
         self.model.sessions["decoder"].run_with_iobinding(io.binding)
         self.lengths += 1
         self.logprobs = io.logprobs.copy()  # the next step overwrites both

@@ -53,12 +53,13 @@ class TokenTable:
                 f"lookup writes {self.dtype} rows of shape {shape} into a C-contiguous array; got {out.dtype} "
                 f"{out.shape}{'' if out.flags.c_contiguous else ', not contiguous'}"
             )
-        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+        tokens = ids.reshape(-1).tolist()  # a step's few ids: Python's min/max beat two NumPy reductions
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.shape[0]):
             check_token_ids(ids, self.shape[0])
         if self._mapped is not None:
             out[...] = self._mapped[ids]
             return out
-        for row, token in zip(out.reshape(-1, self.shape[1]), ids.reshape(-1).tolist()):
+        for row, token in zip(out.reshape(-1, self.shape[1]), tokens):
             if os.preadv(self._fd, [row], self.offset + token * self.row_bytes) != self.row_bytes:
                 raise OSError(f"{self.path}: short read of token {token}'s row (was the file truncated?)")
         return out
