@@ -25,6 +25,7 @@ from onnxgen.params import config_from_kwargs
 from onnxgen.processors import log_softmax
 
 MODES = {
+    "beam4": dict(do_sample=False, num_beams=4),
     "greedy": dict(do_sample=False),
     "sample": dict(do_sample=True, top_k=50, top_p=1.0, temperature=1.0),  # as bench.py samples
 }

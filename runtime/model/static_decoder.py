@@ -22,7 +22,7 @@ import numpy as np
 
 from ..manifest import Manifest
 from .base import Prefill
-from .buffers import move_rows
+from .buffers import Lineage, move_rows
 from .decoder_only import Gpt2Session
 from .session import TRIM_AFTER_TOKENS, import_onnxruntime, prefill_run_options, release_freed_heap
 from .token_table import check_token_ids, load_token_table
@@ -110,6 +110,7 @@ class StaticDecoderState:
         self.lengths = lengths.astype(np.int64)  # (R,) tokens held by each row
         self._io: _StepIO | None = None  # rebuilt when the rows or the buffer change
         self.logprobs: np.ndarray | None = None  # log_softmax of the logits the last step returned
+        self.lineage = Lineage(self.num_rows, self.capacity)  # which positions rows share, so moves skip them
 
     @property
     def num_rows(self) -> int:
@@ -126,6 +127,7 @@ class StaticDecoderState:
         positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
         io = self._bind(self.model.token_table[input_ids], positions, (self.lengths - 1).astype(np.int32), width)
         self.model.session.run_with_iobinding(io.binding, prefill_run_options())
+        self.lineage.computed_prompt(width)
         return io.logits, io.logprobs
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
@@ -145,12 +147,14 @@ class StaticDecoderState:
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1
         io.total[...] = longest
         self.model.session.run_with_iobinding(io.binding)
+        self.lineage.computed_step(self.lengths)
         self.lengths += 1
         self.logprobs = io.logprobs.copy()  # the next step overwrites both
         return io.logits.copy()
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep rows `rows` in that order; only rows whose source changes are copied, and only their used prefix."""
+        """Keep rows `rows` in that order; only rows whose source changes are copied, and of those only the
+        positions past what the row already shares with its source (`Lineage`) up to the longest source."""
         rows = np.asarray(rows, dtype=np.int64)
         count = rows.shape[0]
         if count == self.num_rows and np.array_equal(rows, np.arange(count)):
@@ -163,11 +167,17 @@ class StaticDecoderState:
         else:
             moved = np.flatnonzero(rows != np.arange(count))
             if moved.size:
-                used = int(self.lengths[rows[moved]].max())
-                move_rows(self.kv, moved, rows[moved], used)
+                sources = rows[moved]
+                used = int(self.lengths[sources].max())
+                held = np.zeros(count, dtype=np.int64)  # what each target row holds now (rows past ours: nothing)
+                held[: min(count, self.num_rows)] = self.lengths[:count]
+                limit = np.minimum(held[moved], self.lengths[sources])
+                targets = np.where(moved < self.num_rows, moved, 0)  # `limit` is 0 where no row is held
+                move_rows(self.kv, moved, sources, used, self.lineage.shared(targets, sources, limit))
         if count != self.num_rows:  # the bound views have the old row count
             self._io = None
         self.lengths = self.lengths[rows]
+        self.lineage.select(rows)
 
     def extend(self, other: StaticDecoderState) -> None:
         """Take in rows prefilled separately (continuous batching): right-padded rows concatenate as they are."""
@@ -178,6 +188,7 @@ class StaticDecoderState:
             kv[:, :, start : start + state.num_rows, :, :used] = state.kv[:, :, : state.num_rows, :, :used]
         self.kv = kv
         self.lengths = np.concatenate([self.lengths, other.lengths])
+        self.lineage.extend(other.lineage, capacity)
         self._io = None
 
     def _reserve(self, positions: int) -> None:
@@ -188,6 +199,7 @@ class StaticDecoderState:
         kv = self.model.new_buffer(self.kv.shape[2], self.model.capacity_for(positions))
         kv[:, :, :, :, : self.capacity] = self.kv
         self.kv = kv
+        self.lineage.grow(self.capacity)
         self._io = None
 
     def _bind(self, inputs_embeds, position_ids, seqlens_k, total: int) -> _StepIO:
