@@ -6,7 +6,7 @@
 The first runs `Generator` over a stand-in model whose step returns the same logits at once (warm caches: the floor
 of the Python work). The second runs `TextGeneration.generate_ids` on an exported directory and splits each token's
 time into onnxruntime's session runs and everything else (prefill included, spread over the tokens),
-greedy and top-k sampling alternated, median of the runs.
+greedy, top-k sampling and beam 4 alternated, median of the runs.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from onnxgen.params import config_from_kwargs
 from onnxgen.processors import log_softmax
 
 MODES = {
-    "beam4": dict(do_sample=False, num_beams=4),
     "greedy": dict(do_sample=False),
     "sample": dict(do_sample=True, top_k=50, top_p=1.0, temperature=1.0),  # as bench.py samples
+    "beam4": dict(do_sample=False, num_beams=4),
 }
 
 

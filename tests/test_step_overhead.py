@@ -20,7 +20,7 @@ from onnxgen.generator import Generator  # noqa: E402
 from onnxgen.params import config_from_kwargs  # noqa: E402
 
 
-def test_the_stand_in_model_generates_greedy_and_top_k_tokens():
+def test_the_stand_in_model_generates_greedy_top_k_and_beam_tokens():
     model = step_overhead.FixedLogitsModel(vocab_size=4_000)
     defaults = ModelDefaults(samples_by_default=False)
     outputs = {}
@@ -32,10 +32,11 @@ def test_the_stand_in_model_generates_greedy_and_top_k_tokens():
         outputs[mode] = generator.results()[0][0].token_ids
     best = int(np.argmax(model.logits[0, :-1]))  # EOS (the last id) is suppressed by min_new_tokens
     assert outputs["greedy"] == [best] * 40
+    assert outputs["beam4"] == [best] * 40  # the same distribution at every step: the best beam is all argmax too
     top50 = set(np.argsort(model.logits[0])[-51:].tolist())
     assert len(outputs["sample"]) == 40 and set(outputs["sample"]) <= top50 and len(set(outputs["sample"])) > 5
 
 
-def test_generator_alone_reports_both_modes():
+def test_generator_alone_reports_every_mode():
     found = step_overhead.generator_alone(vocab_size=1_000, new_tokens=4, rounds=1)
-    assert set(found) == {"greedy", "sample"} and all(us > 0 for us in found.values())
+    assert set(found) == {"greedy", "sample", "beam4"} and all(us > 0 for us in found.values())

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..manifest import Manifest, check_graph_io
 from .base import Prefill
-from .buffers import move_rows
+from .buffers import Lineage, move_rows
 from .encoder_decoder import special_token_ids
 from .session import (
     TRIM_AFTER_TOKENS, create_session, import_onnxruntime, prefill_run_options, release_freed_heap,
@@ -129,6 +129,7 @@ class StaticEncoderDecoderState:
         self.sources = np.arange(cross.shape[2], dtype=np.int64)
         self._io: _StepIO | None = None  # rebuilt when the rows or the buffers change
         self.logprobs: np.ndarray | None = None  # log_softmax of the logits the last step returned
+        self.lineage = Lineage(self.num_rows, self.capacity)  # which positions rows share, so moves skip them
 
     @property
     def num_rows(self) -> int:
@@ -147,13 +148,15 @@ class StaticEncoderDecoderState:
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1: the new token's position
         io.total[...] = longest
         self.model.sessions["decoder"].run_with_iobinding(io.binding)
+        self.lineage.computed_step(self.lengths)
         self.lengths += 1
         self.logprobs = io.logprobs.copy()  # the next step overwrites both
         return io.logits.copy()
 
     def select(self, rows: np.ndarray) -> None:
-        """Keep rows `rows` in that order; only rows whose source changes are copied, self-attention's used prefix
-        only."""
+        """Keep rows `rows` in that order; only rows whose source changes are copied: self-attention past what the
+        row already shares with its source (`Lineage`) up to the longest source, the encoder side where the
+        prompt changes."""
         rows = np.asarray(rows, dtype=np.int64)
         count = rows.shape[0]
         if count == self.num_rows and np.array_equal(rows, np.arange(count)):
@@ -166,7 +169,12 @@ class StaticEncoderDecoderState:
         else:
             moved = np.flatnonzero(rows != np.arange(count))
             if moved.size:
-                move_rows(self.kv, moved, rows[moved], used)
+                sources = rows[moved]
+                length = np.zeros(count, dtype=np.int64)  # decoder tokens each target row holds now
+                length[: min(count, self.num_rows)] = self.lengths[:count]
+                limit = np.minimum(length[moved], self.lengths[sources])
+                targets = np.where(moved < self.num_rows, moved, 0)  # `limit` is 0 where no row is held
+                move_rows(self.kv, moved, sources, used, self.lineage.shared(targets, sources, limit))
                 held = np.full(count, -1, dtype=np.int64)  # rows past the current ones hold nothing we know
                 held[: min(count, self.num_rows)] = self.sources[:count]
                 encoded = moved[held[moved] != self.sources[rows[moved]]]  # another prompt's encoding is needed
@@ -176,6 +184,7 @@ class StaticEncoderDecoderState:
             self._io = None
         self.lengths = self.lengths[rows]
         self.sources = self.sources[rows]
+        self.lineage.select(rows)
 
     def extend(self, other: StaticEncoderDecoderState) -> None:
         """Take in rows prefilled separately (continuous batching). Self-attention rows are right-padded and
@@ -192,6 +201,7 @@ class StaticEncoderDecoderState:
             mask[start:end, :s] = state.mask[: state.num_rows]
         self.kv, self.cross, self.mask = kv, cross, mask
         self.lengths = np.concatenate([self.lengths, other.lengths])
+        self.lineage.extend(other.lineage, self.capacity)
         self.sources = np.concatenate([self.sources, other.sources + self.sources.max(initial=-1) + 1])
         self._io = None
 
@@ -202,6 +212,7 @@ class StaticEncoderDecoderState:
         kv = self.model.new_buffer(self.kv.shape[2], -(-positions // KV_CHUNK) * KV_CHUNK)
         kv[:, :, :, :, : self.capacity] = self.kv
         self.kv = kv
+        self.lineage.grow(self.capacity)
         self._io = None
 
     def _bind(self) -> _StepIO:
