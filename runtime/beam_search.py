@@ -37,10 +37,19 @@ def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
     return candidates[np.lexsort((candidates, -values[candidates]))[:k]]
 
 
+_FLOAT32_SAFE = 3.0e38  # below float32's largest value: converts without overflow
+
+
 def _length_norm(length: int, length_penalty: float) -> np.float32:
     """length ** length_penalty in float32; an extreme penalty saturates to inf or 0 as torch's pow does."""
-    with np.errstate(over="ignore", under="ignore"):
-        return np.float32(np.power(np.float64(length), length_penalty))
+    try:
+        value = float(length) ** length_penalty  # C's pow, as np.power; a Python scalar is cheaper per step
+    except OverflowError:
+        value = float("inf")
+    if value < _FLOAT32_SAFE:
+        return np.float32(value)
+    with np.errstate(over="ignore"):
+        return np.float32(value)
 
 
 @dataclass
@@ -80,6 +89,7 @@ class BeamSearch:
         self.finished_flags = np.zeros(num_beams, dtype=bool)
         self.improvement_possible = True
         self.done = False
+        self._accumulated: np.ndarray | None = None
 
     @property
     def generated(self) -> int:
@@ -88,7 +98,11 @@ class BeamSearch:
     def advance(self, log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Take processed log-probs (num_beams, V); return (parent beam per new running beam, its new token)."""
         vocab = log_probs.shape[1]
-        accumulated = (log_probs + self.running_scores[:, None]).astype(np.float32).reshape(-1)
+        if self._accumulated is None or self._accumulated.shape != log_probs.shape:
+            self._accumulated = np.empty(log_probs.shape, dtype=np.float32)
+        # Into one buffer kept across steps: a fresh (beams x vocab) array a step costs its page faults each time.
+        accumulated = np.add(log_probs, self.running_scores[:, None], out=self._accumulated, dtype=np.float32)
+        accumulated = accumulated.reshape(-1)
         if self.do_sample:
             top = sample_without_replacement(accumulated, self.candidates, self.rng)
         else:
@@ -97,7 +111,10 @@ class BeamSearch:
         parents, tokens = top // vocab, top % vocab
         candidate_tokens = np.concatenate([self.running_tokens[parents], tokens[:, None]], axis=1)
         length = self.generated + 1
-        hits = np.isin(tokens, self.eos_token_ids) | (length >= self.max_new_tokens)
+        if length >= self.max_new_tokens:
+            hits = np.ones(tokens.shape[0], dtype=bool)
+        else:  # np.isin's setup costs more than this compare of a few candidates with a few ids
+            hits = (tokens[:, None] == self.eos_token_ids[None, :]).any(axis=1)
 
         running_scores = top_scores + hits.astype(np.float32) * _NEG
         keep = _top_indices(running_scores, self.num_beams)

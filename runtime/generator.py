@@ -52,6 +52,7 @@ class _Cohort:
         counts = np.array([p.rows_per_prompt for p in plans])
         rows = np.repeat(np.arange(len(plans)), counts)  # expand each prompt into its sequences or beams
         self.state = prefill.state
+        self.state.reuse_outputs = True  # each step's logits are processed (on a copy) before the next step
         self.state.select(rows)
         self.logits = prefill.logits[rows]
         # log_softmax(logits) when the graph computes it (the static layouts); else computed here where needed

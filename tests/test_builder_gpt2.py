@@ -391,3 +391,20 @@ def test_untied_head_with_early_eos_matches_transformers(eager_eos_gpt2_checkpoi
     tg = TextGeneration(eager_static_dir, device="cpu")
     for kwargs in (dict(do_sample=False, max_new_tokens=20, min_new_tokens=8), dict(num_beams=4, max_new_tokens=15)):
         _check_ids_and_text(hf, tg, GPT2_PROMPTS, kwargs)
+
+
+def test_a_state_returns_copies_unless_its_caller_reuses_the_outputs(static_dir):
+    """The generator processes each step's logits before the next step and so takes the bound arrays themselves;
+    any other caller gets copies that stay valid."""
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    state = model.prefill(PROMPTS).state
+    first = state.step(np.array([1, 2, 3]))
+    kept = first.copy()
+    second = state.step(np.array([4, 5, 6]))
+    assert second is not first and np.array_equal(first, kept)
+    state.reuse_outputs = True
+    third = state.step(np.array([7, 8, 9]))
+    logprobs = state.logprobs
+    fourth = state.step(np.array([1, 1, 1]))
+    assert fourth is third and state.logprobs is logprobs  # the bound arrays, overwritten in place
+    np.testing.assert_allclose(np.exp(logprobs).sum(axis=1), 1.0, rtol=1e-5)

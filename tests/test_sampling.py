@@ -227,7 +227,8 @@ def test_packed_draws_of_a_row_alone_are_its_draws_in_a_batch():
         batched = S.sample_packed(cols, vals, [S.make_row_rng(trial, i) for i in range(3)])
         for row in range(3):
             width = max(int(counts[row]), 1)
-            alone = S.sample_packed(cols[row : row + 1, :width], vals[row : row + 1, :width], [S.make_row_rng(trial, row)])
+            rngs = [S.make_row_rng(trial, row)]
+            alone = S.sample_packed(cols[row : row + 1, :width], vals[row : row + 1, :width], rngs)
             assert alone.tolist() == [batched[row]]
             assert scores[row, alone[0]] > -np.inf
 

@@ -110,6 +110,9 @@ class StaticDecoderState:
         self.lengths = lengths.astype(np.int64)  # (R,) tokens held by each row
         self._io: _StepIO | None = None  # rebuilt when the rows or the buffer change
         self.logprobs: np.ndarray | None = None  # log_softmax of the logits the last step returned
+        # True: `step` returns (and sets `logprobs` to) the bound output arrays themselves, which the next step
+        # overwrites; for a caller that is done with them by then (the generator), it saves two copies a step.
+        self.reuse_outputs = False
         self.lineage = Lineage(self.num_rows, self.capacity)  # which positions rows share, so moves skip them
 
     @property
@@ -149,6 +152,9 @@ class StaticDecoderState:
         self.model.session.run_with_iobinding(io.binding)
         self.lineage.computed_step(self.lengths)
         self.lengths += 1
+        if self.reuse_outputs:
+            self.logprobs = io.logprobs
+            return io.logits
         self.logprobs = io.logprobs.copy()  # the next step overwrites both
         return io.logits.copy()
 
