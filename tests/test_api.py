@@ -20,6 +20,15 @@ def t5(tiny_t5_onnx):
     return TextGeneration(tiny_t5_onnx, device="cpu")
 
 
+def test_ids_in_and_out_leave_the_tokenizer_unloaded_until_text_is_needed(tiny_gpt2_onnx):
+    tg = TextGeneration(tiny_gpt2_onnx, device="cpu")
+    out = tg.generate_ids([[5, 6, 7]], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert len(out[0][0]) == 4 and tg._tokenizer is None
+    tg.generate_ids([[5, 6, 7]], max_new_tokens=4, do_sample=False, stop=["\n\n"])  # a stop string decodes
+    assert tg._tokenizer is not None
+    assert isinstance(TextGeneration(tiny_gpt2_onnx, device="cpu")("The cat", max_new_tokens=2), str)
+
+
 # -- return shapes as Backprop ------------------------------------------------------------------------------
 def test_a_string_gives_a_string_with_the_prompt_in_front(gpt2):
     out = gpt2("The café serves", max_new_tokens=5, seed=0)
