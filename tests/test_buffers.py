@@ -43,7 +43,6 @@ def test_moves_that_skip_shared_positions_give_what_full_copies_give(seed):
     lineage = Lineage(1, capacity)
     lengths = np.array([prompt])
     fast[:, :, 0, :, :prompt] = full[:, :, 0, :, :prompt] = rng.standard_normal((2, 2, 3, prompt, 4))
-    lineage.computed_prompt(prompt)
     skipped = held_moves = 0
     for _ in range(30):
         count = int(rng.integers(1, rows + 1))
@@ -51,6 +50,7 @@ def test_moves_that_skip_shared_positions_give_what_full_copies_give(seed):
         if rng.random() < 0.7:  # in order, as beams mostly come; else shuffled
             keep = np.sort(keep)
         # the move, as StaticDecoderState.select makes it
+        lineage.settle(lengths)
         moved = np.flatnonzero(keep != np.arange(count))
         if moved.size:
             sources = keep[moved]
@@ -72,7 +72,6 @@ def test_moves_that_skip_shared_positions_give_what_full_copies_give(seed):
         step = rng.standard_normal((2, 2, count, 3, 4)).astype(np.float32)  # every row computes a new position
         for r in range(count):
             fast[:, :, r, :, lengths[r]] = full[:, :, r, :, lengths[r]] = step[:, :, r]
-        lineage.computed_step(lengths)
         lengths = lengths + 1
     # Every row descends from the one prompt row by copies: a move into a held row never copies the prompt again.
     assert held_moves and skipped >= prompt * held_moves
@@ -81,12 +80,16 @@ def test_moves_that_skip_shared_positions_give_what_full_copies_give(seed):
 def test_rows_with_equal_stamps_only_through_copies():
     """Two rows computed apart never look shared, even from the same call; a copy makes them share up to there."""
     lineage = Lineage(2, 8)
-    lineage.computed_prompt(3)
+    lineage.settle(np.array([3, 3]))  # a prompt of 3 in each row
     assert lineage.shared(np.array([0]), np.array([1]), np.array([3])).tolist() == [0]
     lineage.select(np.array([0, 0]))
-    lineage.computed_step(np.array([3, 3]))
+    lineage.settle(np.array([4, 4]))  # each row computed its own 4th position
+    assert lineage.shared(np.array([1]), np.array([0]), np.array([4])).tolist() == [3]
+    lineage.settle(np.array([4, 4]))  # nothing new: the stamps stay
     assert lineage.shared(np.array([1]), np.array([0]), np.array([4])).tolist() == [3]
     other = Lineage(1, 8)
-    other.computed_prompt(3)
+    other.settle(np.array([3]))
     lineage.extend(other, 8)
     assert lineage.shared(np.array([2]), np.array([0]), np.array([3])).tolist() == [0]  # another state's rows
+    lineage.grow(12)
+    assert lineage.stamps.shape == (3, 12) and lineage.shared(np.array([1]), np.array([0]), np.array([4])).tolist() == [3]

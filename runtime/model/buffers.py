@@ -45,27 +45,29 @@ class Lineage:
     usually most of what they generated; reordering them then copies only the positions past that shared prefix
     (`shared`), a fraction of the whole. Equal tokens are not enough: rows computed apart may differ in the last
     bits (int8 scales are per batch), so only copies count.
+
+    Steps cost nothing here: between two moves each row computes its own positions, so `settle` stamps them all
+    at once (one stamp per row and settle) just before the next move needs them.
     """
 
     def __init__(self, rows: int, capacity: int):
-        self.stamps = np.zeros((rows, capacity), dtype=np.int64)  # 0: nothing computed here
+        self.stamps = np.zeros((rows, capacity), dtype=np.int64)
+        self.settled = np.zeros(rows, dtype=np.int64)  # positions below are stamped; the rest are the row's own
 
-    @staticmethod
-    def _new_stamps(rows: int) -> np.ndarray:
-        return (next(_EVENTS) << _ROW_BITS) + np.arange(rows, dtype=np.int64)
-
-    def computed_prompt(self, width: int) -> None:
-        """Each row's positions 0 .. width-1 were computed by one call (those past a row's length never count)."""
-        self.stamps[:, :width] = self._new_stamps(self.stamps.shape[0])[:, None]
-
-    def computed_step(self, positions: np.ndarray) -> None:
-        """Row r computed position positions[r]."""
-        rows = self.stamps.shape[0]
-        self.stamps[np.arange(rows), positions] = self._new_stamps(rows)
+    def settle(self, lengths: np.ndarray) -> None:
+        """Stamp every row's positions from `settled` up to `lengths` (what it holds) as computed by that row."""
+        if np.array_equal(self.settled, lengths):
+            return
+        rows, capacity = self.stamps.shape
+        positions = np.arange(capacity)
+        fresh = (positions >= self.settled[:, None]) & (positions < lengths[:, None])
+        stamps = (next(_EVENTS) << _ROW_BITS) + np.arange(rows, dtype=np.int64)
+        np.copyto(self.stamps, np.broadcast_to(stamps[:, None], self.stamps.shape), where=fresh)
+        self.settled = lengths.copy()
 
     def shared(self, targets: np.ndarray, sources: np.ndarray, limit: np.ndarray) -> np.ndarray:
         """For each (target, source) pair, how many leading positions (at most `limit`, what both rows hold) the
-        target already has identical to its source."""
+        target already has identical to its source. Call `settle` first."""
         width = int(limit.max(initial=0))
         if width == 0:
             return np.zeros(targets.shape[0], dtype=np.int64)
@@ -74,7 +76,8 @@ class Lineage:
         return np.minimum(first, limit)
 
     def select(self, rows: np.ndarray) -> None:
-        self.stamps = self.stamps[rows]
+        """Follow a move of settled rows: row i is now what row `rows[i]` was."""
+        self.stamps, self.settled = self.stamps[rows], self.settled[rows]
 
     def grow(self, capacity: int) -> None:
         wider = np.zeros((self.stamps.shape[0], capacity), dtype=np.int64)
@@ -82,7 +85,9 @@ class Lineage:
         self.stamps = wider
 
     def extend(self, other: Lineage, capacity: int) -> None:
+        """Append `other`'s rows (both settled) below these, at `capacity` positions."""
         self.grow(capacity)
         below = np.zeros((other.stamps.shape[0], capacity), dtype=np.int64)
         below[:, : other.stamps.shape[1]] = other.stamps
         self.stamps = np.concatenate([self.stamps, below])
+        self.settled = np.concatenate([self.settled, other.settled])

@@ -130,7 +130,6 @@ class StaticDecoderState:
         positions = np.tile(np.arange(width, dtype=np.int64), (rows, 1))
         io = self._bind(self.model.token_table[input_ids], positions, (self.lengths - 1).astype(np.int32), width)
         self.model.session.run_with_iobinding(io.binding, prefill_run_options())
-        self.lineage.computed_prompt(width)
         return io.logits, io.logprobs
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
@@ -150,7 +149,6 @@ class StaticDecoderState:
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1
         io.total[...] = longest
         self.model.session.run_with_iobinding(io.binding)
-        self.lineage.computed_step(self.lengths)
         self.lengths += 1
         if self.reuse_outputs:
             self.logprobs = io.logprobs
@@ -165,6 +163,7 @@ class StaticDecoderState:
         count = rows.shape[0]
         if count == self.num_rows and np.array_equal(rows, np.arange(count)):
             return
+        self.lineage.settle(self.lengths)
         if count > self.kv.shape[2]:  # expanding past the allocation: a new buffer
             used = int(self.lengths[rows].max())
             kv = self.model.new_buffer(count, self.capacity)
@@ -187,6 +186,8 @@ class StaticDecoderState:
 
     def extend(self, other: StaticDecoderState) -> None:
         """Take in rows prefilled separately (continuous batching): right-padded rows concatenate as they are."""
+        self.lineage.settle(self.lengths)  # before the rows mix: each side's own positions get its own stamps
+        other.lineage.settle(other.lengths)
         capacity = max(self.capacity, other.capacity)
         kv = self.model.new_buffer(self.num_rows + other.num_rows, capacity)
         for start, state in ((0, self), (self.num_rows, other)):

@@ -151,7 +151,6 @@ class StaticEncoderDecoderState:
         io.seqlens_k[:] = self.lengths  # tokens after this step - 1: the new token's position
         io.total[...] = longest
         self.model.sessions["decoder"].run_with_iobinding(io.binding)
-        self.lineage.computed_step(self.lengths)
         self.lengths += 1
         if self.reuse_outputs:
             self.logprobs = io.logprobs
@@ -167,6 +166,7 @@ class StaticEncoderDecoderState:
         count = rows.shape[0]
         if count == self.num_rows and np.array_equal(rows, np.arange(count)):
             return
+        self.lineage.settle(self.lengths)
         used = int(self.lengths[rows].max()) if count else 0
         if count > self.mask.shape[0]:  # expanding past the allocation: new arrays
             kv = self.model.new_buffer(count, self.capacity)
@@ -195,6 +195,8 @@ class StaticEncoderDecoderState:
     def extend(self, other: StaticEncoderDecoderState) -> None:
         """Take in rows prefilled separately (continuous batching). Self-attention rows are right-padded and
         concatenate as they are; the encoder side is padded to the wider batch, the padding masked out."""
+        self.lineage.settle(self.lengths)  # before the rows mix: each side's own positions get its own stamps
+        other.lineage.settle(other.lengths)
         rows = self.num_rows + other.num_rows
         width = max(self.mask.shape[1], other.mask.shape[1])
         kv = self.model.new_buffer(rows, max(self.capacity, other.capacity))
