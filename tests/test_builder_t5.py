@@ -244,6 +244,23 @@ def test_select_reorders_rows_across_prompts_and_regrows_within_the_allocation(s
     np.testing.assert_allclose(got, fresh.step(np.array([7, 8, 9])), atol=1e-5, rtol=0)
 
 
+def test_rows_moved_between_prompts_after_an_expansion_read_their_new_prompts_encoding(static_dir):
+    # Expanding past the allocation (beams) rebuilds the encoder-side arrays; a later move of rows between prompts
+    # at the same row count copies them in place, which the bound graph must see.
+    model = load_model(load_manifest(static_dir), static_dir, "cpu")
+    first, second = PROMPTS[0], PROMPTS[1]
+    state = model.prefill([first, second]).state
+    state.select(np.array([0, 0, 1, 1]))
+    assert state.cross.flags.c_contiguous
+    state.step(np.array([4, 4, 5, 5]))
+    state.select(np.array([2, 3, 0, 1]))
+    got = state.step(np.array([6, 6, 7, 7]))
+    fresh = model.prefill([second, first]).state
+    fresh.select(np.array([0, 0, 1, 1]))
+    fresh.step(np.array([5, 5, 4, 4]))
+    np.testing.assert_allclose(got, fresh.step(np.array([6, 6, 7, 7])), atol=1e-5, rtol=0)
+
+
 def test_history_and_prompt_lengths_are_the_optimum_paths(static_dir, tiny_t5_onnx):
     static = load_model(load_manifest(static_dir), static_dir, "cpu").prefill(PROMPTS)
     dynamic = load_model(load_manifest(tiny_t5_onnx), tiny_t5_onnx, "cpu").prefill(PROMPTS)

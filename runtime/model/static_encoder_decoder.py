@@ -171,7 +171,9 @@ class StaticEncoderDecoderState:
         if count > self.mask.shape[0]:  # expanding past the allocation: new arrays
             kv = self.model.new_buffer(count, self.capacity)
             kv[:, :, :, :, :used] = self.kv[:, :, rows, :, :used]
-            self.kv, self.cross, self.mask = kv, self.cross[:, :, rows], self.mask[rows]
+            # Indexing a middle axis gives a transposed, non-contiguous array; bound as it is, onnxruntime would
+            # read a private copy, and later in-place moves of `cross` would not reach the graph.
+            self.kv, self.cross, self.mask = kv, np.ascontiguousarray(self.cross[:, :, rows]), self.mask[rows]
         else:
             moved = np.flatnonzero(rows != np.arange(count))
             if moved.size:
@@ -234,6 +236,8 @@ class StaticEncoderDecoderState:
         )
 
         def bind_input(name: str, array: np.ndarray):
+            if not array.flags.c_contiguous:  # it would be copied, and updates in place would never be seen
+                raise AssertionError(f"{name} is bound from a non-contiguous array")
             value = ort.OrtValue.ortvalue_from_numpy(array)  # CPU: wraps the array, no copy
             io.values.append(value)
             binding.bind_ortvalue_input(name, value)
