@@ -6,6 +6,7 @@ import importlib.metadata as md
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 
@@ -93,6 +94,41 @@ def cell_key(rec: dict) -> tuple:
     return tuple(rec[f] for f in KEY_FIELDS)
 
 
+def decode_times(rec: dict) -> list[float] | None:
+    """The record's decode ms/token of each repeat, in order, or None for a record without them."""
+    t1, tn, n = rec.get("t1_s"), rec.get("tn_s"), rec.get("new_tokens")
+    if not t1 or not tn or len(t1) != len(tn) or not n or n < 2:
+        return None
+    return [1000 * (b - a) / (n - 1) for a, b in zip(t1, tn)]
+
+
+def paired_ratio(rec: dict, base: dict) -> tuple[float, float, float] | None:
+    """rec's decode time over base's, repeat by repeat: (median, lower quartile, upper quartile) of the ratios.
+
+    The engines of a cell run in turns, so repeat r of each engine ran within seconds of the others'; on a
+    shared machine whose speed swings by +-20% from one second to the next (measured here), the ratio of two
+    runs made side by side is steadier than the ratio of two medians taken over a minute. None when the two
+    records are not from the same interleaved run (or carry no per-repeat times): the caller falls back to the
+    ratio of medians.
+    """
+    mine, theirs = decode_times(rec), decode_times(base)
+    if mine is None or theirs is None or len(mine) != len(theirs) or rec.get("run_id") != base.get("run_id"):
+        return None
+    ratios = [a / b for a, b in zip(mine, theirs) if b > 0]
+    if not ratios:
+        return None
+    if len(ratios) < 4:  # too few for quartiles: the range
+        return statistics.median(ratios), min(ratios), max(ratios)
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), low, high
+
+
+def _ratio(rec: dict, base: dict) -> float:
+    """rec's decode time over base's: the median paired ratio where the records allow it, else of the medians."""
+    paired = paired_ratio(rec, base)
+    return paired[0] if paired else rec["decode_ms"] / base["decode_ms"]
+
+
 def render(done: dict, notes: dict, args, env: dict) -> str:
     """Two markdown tables: every engine's numbers per cell, then decode ms/token side by side with ratios."""
     base = dict(device=args.device, precision=args.precision, prompt_tokens=args.prompt_tokens,
@@ -134,7 +170,7 @@ def _detail_table(rows, engines, bl) -> list[str]:
                 lines.append(f"| {model} | {mode} | {batch} | {e} | {note} ||||||||||")
                 continue
             ratio_p = rec["prompt_ms"] / blr["prompt_ms"] if blr else None
-            ratio_d = rec["decode_ms"] / blr["decode_ms"] if blr else None
+            ratio_d = _ratio(rec, blr) if blr else None
             others = _fmt(100 * rec["others_cpu"], 0) if rec.get("others_cpu") is not None else "—"
             agree = "n/a (sampling)" if MODES[mode][0] else _agreement(rec.get("ids"), (ref or {}).get("ids"))
             lines.append(
@@ -159,12 +195,24 @@ def _side_table(rows, engines, bl) -> list[str]:
         ms = {e: r["decode_ms"] for e, r in recs.items()}
         b = ms.get(bl)
         cells = [_fmt(ms.get(e), 2) for e in engines]
-        ratios = [f"{ms[p] / b:.2f}×" if b and p in ms else "—" for p in peers]
+        ratios = [_speedup(recs[p], recs[bl]) if b and p in ms else "—" for p in peers]
         lines.append(f"| {model} | {mode} | {batch} | " + " | ".join(cells + ratios) + " |")
+    lines += ["", f"Speed-ups are medians of paired ratios: in each repeat, the peer's decode time over {bl}'s in "
+                  "the same repeat (the engines take turns); in brackets the interquartile range of those ratios "
+                  "(the range, under 4 repeats), which shows how much the machine's drift moved them."]
     if mixed:
         lines += ["", "† this cell's rows come from different runs, not one interleaved run: rerun it with "
                       "`--force` for a side-by-side comparison."]
     return lines
+
+
+def _speedup(peer: dict, base: dict) -> str:
+    """How many times faster base decodes than peer: '1.08× (1.02–1.15)', or of the medians alone."""
+    paired = paired_ratio(peer, base)
+    if paired is None:
+        return f"{peer['decode_ms'] / base['decode_ms']:.2f}×"
+    middle, low, high = paired
+    return f"{middle:.2f}× ({low:.2f}–{high:.2f})"
 
 
 def command_line() -> str:
