@@ -352,6 +352,7 @@ def run_all(args, env: dict, done: dict, notes: dict) -> None:
                         continue
                     rec.update(res, when=time.strftime("%Y-%m-%d %H:%M:%S"), run_id=env["run_id"],
                                command=env["command"], hardware=env["hardware"],
+                               kernel=env["kernel"], packages=env["versions"],
                                artifact=models.fingerprint(ENGINES[e].artifact_for(args.precision)))
                     append_result(args.results, rec)
                     done[cell_key(rec)] = rec

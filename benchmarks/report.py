@@ -236,7 +236,7 @@ def markdown_document(tables: str, args, env: dict, done: dict) -> str:
                       for r in shown if r["engine"] == "onnxgen"})
     sources_md = "\n".join(f"- run {run}: runtime source {rt}, {art}" for run, rt, art in sources) or "- none"
     cmds = "\n".join(f"{cmd}    # run {run}" for run, cmd in runs) + f"\n{command_line()}    # this report"
-    versions = "\n".join(f"| {k} | {v} |" for k, v in env["versions"].items())
+    versions, kernel = _run_environment(shown, env)
     name = section_name(args)
     return f"""{_BEGIN.format(name=name)}
 ## {args.device.upper()}, {args.precision} weights
@@ -249,7 +249,7 @@ def markdown_document(tables: str, args, env: dict, done: dict) -> str:
 
 ### Setup
 
-- Hardware: {env['hardware']} (kernel {env['kernel']})
+- Hardware: {env['hardware']} (kernel {kernel})
 - Device: {args.device}; {args.threads} intra-op threads for every engine (OMP/MKL env pinned too)
 - Prompt {args.prompt_tokens} tokens (fixed random ids), exactly {args.new_tokens} new tokens (EOS suppressed by a
   minimum length), median of {args.repeats} runs, engines interleaved per run, each engine in its own process
@@ -268,6 +268,24 @@ def markdown_document(tables: str, args, env: dict, done: dict) -> str:
 {tables}
 {_END.format(name=name)}
 """
+
+
+def _run_environment(shown: list, env: dict) -> tuple[str, str]:
+    """The package-version table and kernel of the runs behind `shown`, as each run recorded them; rows written
+    before runs recorded them fall back to this report's own environment, and the table says so."""
+    recorded = [r for r in shown if "packages" in r]
+    if not recorded or len(recorded) < len(shown):
+        rows = "\n".join(f"| {k} | {v} |" for k, v in env["versions"].items())
+        return rows + "\n\n(versions and kernel read when this report was written: these runs predate recording them)", env["kernel"]
+    names: dict[str, None] = {}
+    for r in recorded:
+        names.update(dict.fromkeys(r["packages"]))
+    rows = []
+    for name in names:
+        seen = sorted({r["packages"].get(name, "—") for r in recorded})
+        rows.append(f"| {name} | {', '.join(seen)} |")
+    kernels = sorted({r.get("kernel", "?") for r in recorded})
+    return "\n".join(rows), ", ".join(kernels)
 
 
 _BEGIN = "<!-- bench.py section {name}: written by `bench.py --write-md`; edits inside are overwritten -->"

@@ -48,3 +48,15 @@ def test_records_of_different_runs_fall_back_to_the_ratio_of_medians():
     assert report._speedup(peer, base) == "1.20×"
     assert report._ratio(peer, base) == pytest.approx(1.2)
     assert report.paired_ratio({"decode_ms": 12.0}, base) is None  # a record written before per-repeat times
+
+
+def test_versions_and_kernel_come_from_the_runs_not_from_the_report_writer():
+    env = {"versions": {"python": "3.99", "onnxruntime": "9.9"}, "kernel": "writer-kernel"}
+    shown = [{"packages": {"python": "3.11.7", "onnxruntime": "1.32.0"}, "kernel": "k1"},
+             {"packages": {"python": "3.11.7", "onnxruntime": "1.31.0"}, "kernel": "k1"}]
+    table, kernel = report._run_environment(shown, env)
+    assert "| onnxruntime | 1.31.0, 1.32.0 |" in table and "| python | 3.11.7 |" in table
+    assert "9.9" not in table and kernel == "k1"
+    # Rows from before runs recorded their environment: the writer's, labelled as such.
+    table, kernel = report._run_environment([{"engine": "onnxgen"}], env)
+    assert "| onnxruntime | 9.9 |" in table and "predate" in table and kernel == "writer-kernel"
