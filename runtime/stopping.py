@@ -6,8 +6,13 @@ from collections.abc import Callable
 
 
 class StopStringWatcher:
-    """Watches the sequences of one prompt. Only the text that is new since the last check (plus the longest
-    stop string's overlap) is searched, so checking costs one decode per token, not a rescan."""
+    """Watches the sequences of one prompt. Only the text that changed since the last check (plus the longest
+    stop string's overlap) is searched, so checking costs one decode per token, not a rescan.
+
+    Decoded text does not only grow: a character split across tokens decodes as U+FFFD until its last byte
+    arrives, and the tokenizer's clean-up can join a new token to the text before it. So what counts as already
+    searched is the prefix the new text shares with the last one, not the last one's length.
+    """
 
     def __init__(self, stops: tuple[str, ...], detokenize: Callable[[list[int]], str] | None):
         if detokenize is None:
@@ -15,12 +20,26 @@ class StopStringWatcher:
         self.stops = stops
         self.detokenize = detokenize
         self.overlap = max(len(s) for s in stops) - 1
-        self.checked: dict[int, int] = {}
+        self.last_text: dict[int, str] = {}
 
     def check(self, sequence: int, token_ids: list[int]) -> str | None:
         """The text before the first stop string, or None while no stop string has appeared."""
         text = self.detokenize(token_ids)
-        start = max(0, self.checked.get(sequence, 0) - self.overlap)
-        self.checked[sequence] = len(text)
+        unchanged = _common_prefix_length(self.last_text.get(sequence, ""), text)
+        self.last_text[sequence] = text
+        start = max(0, unchanged - self.overlap)
         found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         return text[: min(found)] if found else None
+
+
+def _common_prefix_length(old: str, new: str) -> int:
+    if new.startswith(old):  # the usual step: the text grew
+        return len(old)
+    low, high = 0, min(len(old), len(new))  # old[:low] == new[:low], and the prefixes differ beyond high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if new.startswith(old[:middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
