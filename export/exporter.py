@@ -267,11 +267,18 @@ def _quiet_optimum() -> Iterator[None]:
 
 
 def _ensure_generation_config(model: Any, output: Path) -> None:
+    """The checkpoint's generation config (the fused builders write none; optimum writes it when it is valid)."""
     if (output / "generation_config.json").exists():
         return
-    # optimum skips a generation config that transformers considers invalid; the model config's own is valid.
     from transformers import GenerationConfig
 
+    own = getattr(model, "generation_config", None)
+    if own is not None:
+        try:
+            own.save_pretrained(output)
+            return
+        except ValueError as exc:  # transformers refuses to save a config it considers invalid
+            log.warning("the checkpoint's generation config is invalid (%s); using its model config's", exc)
     GenerationConfig.from_model_config(model.config).save_pretrained(output)
 
 
@@ -302,9 +309,12 @@ def _build_manifest(
         layers, heads, hidden = config.num_decoder_layers, config.num_heads, config.d_model
         head_size, max_positions = config.d_kv, None
 
-    def token(name: str) -> int | None:
-        value = generation.get(name, getattr(config, name, None))
-        return value[0] if isinstance(value, list) and value else value  # some configs list several EOS ids
+    def token(name: str) -> int | list[int] | None:
+        return generation.get(name, getattr(config, name, None))
+
+    def single_token(name: str) -> int | None:
+        value = token(name)
+        return value[0] if isinstance(value, list) and value else value
 
     return Manifest(
         architecture=checkpoint.architecture,
@@ -314,11 +324,11 @@ def _build_manifest(
         head_size=int(head_size),
         hidden_size=int(hidden),
         vocab_size=int(config.vocab_size),
-        special_tokens=SpecialTokens(
-            eos_token_id=token("eos_token_id"),
-            pad_token_id=token("pad_token_id"),
-            bos_token_id=token("bos_token_id"),
-            decoder_start_token_id=token("decoder_start_token_id"),
+        special_tokens=SpecialTokens.with_eos(
+            token("eos_token_id"),  # some configs list several EOS ids
+            pad_token_id=single_token("pad_token_id"),
+            bos_token_id=single_token("bos_token_id"),
+            decoder_start_token_id=single_token("decoder_start_token_id"),
         ),
         tokenizer=tokenizer_spec,
         max_positions=max_positions,

@@ -50,10 +50,27 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    eos_token_id: int | None
+    eos_token_id: int | None  # the first EOS id: what GPT-2 pads with, as in transformers
     pad_token_id: int | None
     bos_token_id: int | None = None
     decoder_start_token_id: int | None = None
+    # Where the model's config lists several EOS ids, the rest: a sequence ends at any of them. Written only when
+    # there are some, so a single-EOS manifest stays readable by onnxgen versions that predate it.
+    other_eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "other_eos_token_ids", tuple(int(t) for t in self.other_eos_token_ids))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return () if self.eos_token_id is None else (self.eos_token_id, *self.other_eos_token_ids)
+
+    @classmethod
+    def with_eos(cls, eos: int | list[int] | None, **others: int | None) -> SpecialTokens:
+        """From a config's eos_token_id, which may be one id or a list of them."""
+        if isinstance(eos, (list, tuple)):
+            return cls(eos_token_id=eos[0] if eos else None, other_eos_token_ids=tuple(eos[1:]), **others)
+        return cls(eos_token_id=eos, **others)
 
 
 @dataclass(frozen=True)
@@ -99,6 +116,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["graphs"] = {name: dataclasses.asdict(spec) for name, spec in self.graphs.items()}
+        if not self.special_tokens.other_eos_token_ids:
+            del data["special_tokens"]["other_eos_token_ids"]
         data["format"] = FORMAT_NAME
         return data
 
@@ -335,8 +354,8 @@ def _manifest_from_optimum_config(directory: Path, config: dict[str, Any]) -> Ma
         head_size=int(head_size),
         hidden_size=int(hidden),
         vocab_size=int(config["vocab_size"]),
-        special_tokens=SpecialTokens(
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        special_tokens=SpecialTokens.with_eos(
+            eos,
             pad_token_id=pad,
             bos_token_id=generation.get("bos_token_id", config.get("bos_token_id")),
             decoder_start_token_id=generation.get("decoder_start_token_id", config.get("decoder_start_token_id")),

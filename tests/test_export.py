@@ -58,8 +58,10 @@ EXPECTED = {
 def _special_tokens(architecture: str, checkpoint) -> dict:
     if architecture == "gpt2":
         eos = AutoTokenizer.from_pretrained(checkpoint).convert_tokens_to_ids(tiny_models.GPT2_EOS)
-        return {"eos_token_id": eos, "pad_token_id": None, "bos_token_id": eos, "decoder_start_token_id": None}
-    return {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None, "decoder_start_token_id": 0}
+        return {"eos_token_id": eos, "pad_token_id": None, "bos_token_id": eos, "decoder_start_token_id": None,
+                "other_eos_token_ids": ()}
+    return {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None, "decoder_start_token_id": 0,
+            "other_eos_token_ids": ()}
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "t5"])

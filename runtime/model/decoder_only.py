@@ -29,7 +29,7 @@ class Gpt2Session:
         self.vocab_size = manifest.vocab_size
         self.max_positions = manifest.max_positions
         tokens = manifest.special_tokens
-        self.eos_token_ids = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
+        self.eos_token_ids = tokens.eos_token_ids
         # GPT-2 has no padding token; transformers pads with EOS, and so do we (the ids reach the processors).
         self.pad_token_id = tokens.pad_token_id if tokens.pad_token_id is not None else tokens.eos_token_id or 0
 

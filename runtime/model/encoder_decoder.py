@@ -16,7 +16,7 @@ from .session import create_session
 def special_token_ids(manifest: Manifest) -> tuple[tuple[int, ...], int, int]:
     """(EOS ids, padding id, decoder start id) of a T5 manifest; T5 pads with 0 and starts decoding with padding."""
     tokens = manifest.special_tokens
-    eos = () if tokens.eos_token_id is None else (tokens.eos_token_id,)
+    eos = tokens.eos_token_ids
     pad = tokens.pad_token_id if tokens.pad_token_id is not None else 0
     start = pad if tokens.decoder_start_token_id is None else tokens.decoder_start_token_id
     return eos, pad, start
