@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,19 +26,25 @@ SEED_MAX = 2**63 - 1
 FLOAT32_TINY = 1.2e-38  # a positive value below this becomes 0 in float32, where the processors compute
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # NumPy's bool is no int subclass
+
+
 def _check_int(name: str, value: Any, minimum: int, maximum: int = INT_MAX) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    # NumPy integers and floats count as numbers (a pipeline often hands over an np.int64 it computed)
+    if isinstance(value, numbers.Integral) and not _is_bool(value):
+        value = int(value)
+    elif isinstance(value, numbers.Real) and not _is_bool(value) and float(value).is_integer():
+        value = int(value)
+    else:
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if not minimum <= value <= maximum:
         raise _fail(name, value, f"an integer in [{minimum}, {maximum}]")
     return value
 
 
 def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if _is_bool(value) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     try:
         value = float(value)
@@ -81,8 +88,8 @@ class GenerationConfig:
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
         if self.temperature is not None and not (self.temperature == 0 or self.temperature >= FLOAT32_TINY):
             raise _fail("temperature", self.temperature, f"0 (greedy) or a number >= {FLOAT32_TINY:g}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise _fail("top_p", self.top_p, "a number in (0, 1]")
+        if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:  # 0 keeps min_tokens_to_keep, as in transformers
+            raise _fail("top_p", self.top_p, "a number in [0, 1]")
         if self.repetition_penalty is not None and self.repetition_penalty < FLOAT32_TINY:
             raise _fail(
                 "repetition_penalty", self.repetition_penalty, f"a number >= {FLOAT32_TINY:g} (1.0 means no penalty)"
@@ -214,7 +221,11 @@ def _decide_sampling(config: GenerationConfig, defaults: ModelDefaults) -> bool:
     if (config.num_return_sequences or 1) > 1:
         return True
     model_choice = defaults.default("do_sample")
-    return bool(model_choice) if model_choice is not None else defaults.samples_by_default
+    if model_choice is not None:
+        return bool(model_choice)
+    if (defaults.default("num_beams") or 1) > 1:  # a model exported for beam search (do_sample=False goes unsaved)
+        return False
+    return defaults.samples_by_default
 
 
 def resolve(config: GenerationConfig, defaults: ModelDefaults) -> DecodingPlan:

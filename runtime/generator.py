@@ -7,7 +7,9 @@ and the model gathers its cache to those rows — dropping finished rows, reorde
 
 Prompts can join while others run (`add`): they are prefilled on their own and their rows merged into the running
 batch where the model state allows it (`extend`), or else stepped as a separate cohort. Either way a prompt's
-output never depends on what shares its batch.
+output never depends on what shares its batch, but for one thing kept as transformers has it: prompts prefilled
+together are left-padded with the model's padding id (GPT-2: EOS), and repetition_penalty and no_repeat_ngram see
+that padding; a prompt that joins later is padded with -1, which they skip.
 
     generator.start(prompts, plans)
     while not generator.is_done():

@@ -94,14 +94,37 @@ def suppress_tokens(scores: np.ndarray, rows_mask: np.ndarray, token_ids) -> np.
 
 
 def temperature(scores: np.ndarray, temperature) -> np.ndarray:
-    """Divide each row by its temperature (R,) float, 1.0 = off; float32 division, bit-equal to transformers."""
+    """Divide each row by its temperature (R,) float, 1.0 = off; float32 division, bit-equal to transformers.
+
+    Except where that overflows (a temperature so small that a score divided by it passes float32's largest):
+    there transformers' softmax turns to NaN and its sampler fails, and a draw would pick an arbitrary token.
+    Such a row becomes the limit of its distribution as the temperature falls, the row's best scores kept at 0
+    and every other at -inf: greedy, up to ties.
+    """
     t = _per_row(temperature, scores.shape[0], np.float32)
     rows = np.flatnonzero(t != 1.0)
+    tiny = rows[t[rows] < _OVERFLOW_RISK]  # at 1e-30 only scores beyond 3e8 overflow; no check above that
+    if not tiny.size:
+        return _divide_rows(scores, rows, t)
+    before = scores[tiny]  # a copy
+    with np.errstate(over="ignore"):
+        scores = _divide_rows(scores, rows, t)
+    overflowed = np.isposinf(scores[tiny]).any(axis=1)
+    if overflowed.any():
+        kept = before[overflowed]
+        scores[tiny[overflowed]] = np.where(kept == kept.max(axis=1, keepdims=True), np.float32(0), _NEG_INF)
+    return scores
+
+
+def _divide_rows(scores: np.ndarray, rows: np.ndarray, t: np.ndarray) -> np.ndarray:
     if rows.size == scores.shape[0]:
         scores /= t[:, None]
     elif rows.size:
         scores[rows] = scores[rows] / t[rows, None]
     return scores
+
+
+_OVERFLOW_RISK = np.float32(1e-30)
 
 
 def top_k(scores: np.ndarray, k, min_tokens_to_keep=1) -> np.ndarray:

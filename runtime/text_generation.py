@@ -130,7 +130,9 @@ class TextGeneration:
     def generate_ids(self, prompts: list[list[int]], **params: Any) -> list[list[list[int]]]:
         """Token ids in, generated ids out (per prompt, per sequence): the tokenizer-free path."""
         plan = self.plan(params)
-        for ids in prompts:
+        for i, ids in enumerate(prompts):
+            if len(ids) == 0:
+                raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token id")
             self._check_context(len(ids), plan)
         generator = Generator(self.model, self._decode)  # stop strings decode; nothing else needs the tokenizer
         generator.start([list(map(int, p)) for p in prompts], [plan] * len(prompts))
@@ -156,6 +158,12 @@ class TextGeneration:
         _, max_new = plan.new_token_bounds(counted)  # raises when max_length leaves no room
         if limit is None or length + max_new <= limit:
             return ids
+        if plan.max_new_tokens is None and not self.manifest.is_encoder_decoder:
+            # max_length counts the prompt: a shorter prompt only buys more new tokens, so cropping cannot help
+            raise ValueError(
+                f"max_length ({plan.max_length}) exceeds the model's context of {limit} tokens; lower max_length "
+                f"to at most {limit}, or use max_new_tokens"
+            )
         room = limit - max_new
         if not truncation or room < 1:
             raise ValueError(

@@ -5,6 +5,7 @@ Needs only the runtime (onnxruntime, numpy, tokenizers): this file also runs in 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from onnxgen import TextGeneration
@@ -141,7 +142,7 @@ def test_details_have_ids_reasons_and_logprobs(gpt2):
     "params, error, match",
     [
         (dict(temprature=0.5), TypeError, "temprature.*did you mean 'temperature'"),
-        (dict(top_p=1.5), ValueError, r"top_p must be a number in \(0, 1\], got 1.5"),
+        (dict(top_p=1.5), ValueError, r"top_p must be a number in \[0, 1\], got 1.5"),
         (dict(top_k=-1), ValueError, r"top_k must be an integer in \[0, 2147483647\], got -1"),
         (dict(temperature=-1), ValueError, "temperature must be"),
         (dict(max_new_tokens=0), ValueError, r"max_new_tokens must be an integer in \[1, 2147483647\], got 0"),
@@ -167,6 +168,18 @@ def test_integers_are_accepted_where_floats_are_meant_and_none_means_not_given(g
     gpt2("The cat", repetition_penalty=3, temperature=1, top_k=None, top_p=None, max_new_tokens=2, seed=0)
 
 
+def test_numpy_numbers_are_numbers(gpt2):
+    plain = gpt2("The cat", max_new_tokens=6, top_k=5, temperature=0.5, seed=3)
+    assert gpt2("The cat", max_new_tokens=np.int64(6), top_k=np.int32(5), temperature=np.float32(0.5),
+                seed=np.uint8(3)) == plain
+    with pytest.raises(TypeError, match="num_beams must be an integer"):
+        gpt2("The cat", num_beams=np.bool_(True))
+
+
+def test_top_p_zero_keeps_only_the_best_token_as_in_transformers(gpt2):
+    assert gpt2("The cat", max_new_tokens=8, top_p=0.0, seed=1) == gpt2("The cat", max_new_tokens=8, do_sample=False)
+
+
 @pytest.mark.parametrize(
     "text, error, match",
     [
@@ -181,6 +194,11 @@ def test_bad_prompts(gpt2, text, error, match):
         gpt2(text, max_new_tokens=2)
 
 
+def test_an_empty_list_of_ids_is_a_bad_prompt(gpt2):
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        gpt2.generate_ids([[5, 6], []], max_new_tokens=2, do_sample=False)
+
+
 def test_context_overflow_is_an_error_unless_truncation_is_asked(gpt2):
     limit = gpt2.manifest.max_positions
     long_prompt = "the cat " * limit
@@ -188,6 +206,14 @@ def test_context_overflow_is_an_error_unless_truncation_is_asked(gpt2):
         gpt2(long_prompt, max_new_tokens=10)
     details = gpt2(long_prompt, max_new_tokens=10, do_sample=False, truncation=True, return_details=True)
     assert details.prompt_tokens == limit - 10
+
+
+def test_a_max_length_beyond_the_context_is_an_error_that_truncation_cannot_fix(gpt2):
+    limit = gpt2.manifest.max_positions
+    for truncation in (False, True):  # max_length counts the prompt: cropping it only makes room for more tokens
+        with pytest.raises(ValueError, match=rf"max_length \({limit + 20}\) exceeds the model's context of {limit}"):
+            gpt2("the cat " * (limit // 4), max_length=limit + 20, do_sample=False, truncation=truncation)
+    assert len(gpt2.generate_ids([[5] * 8], max_length=limit, do_sample=False, min_length=limit)[0][0]) == limit - 8
 
 
 def test_cuda_without_its_provider_is_an_error(tiny_gpt2_onnx):

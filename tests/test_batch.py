@@ -116,7 +116,7 @@ def test_a_rerun_with_other_settings_is_refused_unless_overwritten(tiny_gpt2_onn
         (['{"text": "a"}', "not json"], {}, "line 2 is not valid JSON"),
         (['{"text": "a", "generated": 1}'], {}, "already has the output column 'generated'"),
         (['{"text": "a", "seed": 1.5}'], {"seed_column": "seed"}, "must hold integers >= 0 or null, got 1.5"),
-        (['{"text": "a"}'], {"params": {"top_p": 3}}, "top_p must be a number in (0, 1], got 3"),
+        (['{"text": "a"}'], {"params": {"top_p": 3}}, "top_p must be a number in [0, 1], got 3"),
         (['{"text": "a"}'], {"params": {"temprature": 1}}, "did you mean 'temperature'"),
     ],
 )
@@ -190,4 +190,4 @@ def test_the_cli_writes_and_resumes(tiny_gpt2_onnx, tg, tmp_path):
     assert [r["continuation"] for r in out] == expected
     bad = onnxgen("batch", str(tiny_gpt2_onnx), str(source), str(tmp_path / "bad"), "--top-p", "1.5")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
-    assert "top_p must be a number in (0, 1], got 1.5" in bad.stderr
+    assert "top_p must be a number in [0, 1], got 1.5" in bad.stderr

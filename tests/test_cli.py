@@ -45,7 +45,7 @@ def test_info_prints_the_manifest(tiny_t5_onnx):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--top-p", "1.5"], "top_p must be a number in (0, 1], got 1.5"),
+        (["--top-p", "1.5"], "top_p must be a number in [0, 1], got 1.5"),
         (["--num-beams", "2", "--num-generations", "3"], "num_generations (3) must be <= num_beams (2)"),
         (["--do-sample", "true", "--temperature", "0"], "contradiction"),
     ],

@@ -217,6 +217,18 @@ def test_a_failed_add_leaves_the_generator_unchanged():
     assert generator.is_done() and generator.entries == {}
 
 
+def test_a_model_exported_for_beam_search_runs_beam_search_unless_it_says_it_samples():
+    def resolved(samples_by_default, **model_defaults):
+        defaults = ModelDefaults(samples_by_default, generation_defaults=tuple(model_defaults.items()))
+        found = resolve(GenerationConfig(), defaults)
+        return found.num_beams, found.do_sample
+
+    # transformers' generation_config.json leaves do_sample=False out: num_beams alone means beam search
+    assert resolved(True, num_beams=4) == resolved(False, num_beams=4) == (4, False)
+    assert resolved(True, num_beams=4, do_sample=True) == (4, True)
+    assert resolved(True) == (1, True) and resolved(False) == (1, False)  # the architecture's own default
+
+
 @pytest.mark.parametrize(
     "params, match",
     [

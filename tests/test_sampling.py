@@ -43,6 +43,22 @@ def test_top_k_1_sampling_equals_greedy():
     np.testing.assert_array_equal(picked, S.greedy(scores))
 
 
+@pytest.mark.parametrize("t", [1e-38, 1e-34, 1e-31])
+def test_a_temperature_small_enough_to_overflow_samples_greedily(t):
+    scores = (np.random.default_rng(1).standard_normal((6, 3000)) * 40).astype(np.float32)
+    scores[[0, 1, 4, 5]] *= 1e6  # large enough that each temperature overflows some of them
+    scores[1, [7, 9]] = scores[1].max() * 2  # a tie for the best: both stay possible
+    temps = np.array([t, t, 1.0, 0.5, t, t], dtype=np.float32)
+    limited = P.temperature(scores.copy(), temps)
+    with np.errstate(over="ignore"):
+        assert np.isposinf(scores[[0, 1, 4, 5]] / np.float32(t)).any(axis=1).all()  # each of these rows overflowed
+    assert np.isfinite(limited).sum(axis=1).tolist() == [1, 2, 3000, 3000, 1, 1]
+    np.testing.assert_array_equal(limited[2:4], scores[2:4] / temps[2:4, None])  # other rows untouched
+    draws = S.sample(limited, [S.make_row_rng(5, i) for i in range(6)])
+    assert draws[[0, 4, 5]].tolist() == S.greedy(scores)[[0, 4, 5]].tolist()
+    assert draws[1] in (7, 9)
+
+
 def test_single_finite_entry_is_returned_and_all_minus_inf_is_an_error():
     scores = np.full((3, 10), -np.inf, dtype=np.float32)
     scores[[0, 1, 2], [4, 0, 9]] = [5.0, -80.0, 0.0]
