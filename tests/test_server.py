@@ -323,6 +323,20 @@ def test_text_generation_with_t5(tiny_t5_onnx):
     assert answer.choices[0].text == greedy(t5, "summarize: a dog", 6) == streamed_text
 
 
+def test_t5_max_length_counts_decoder_tokens_in_a_running_server(tiny_t5_onnx):
+    # max_length below the prompt's length is valid for T5 (it counts the decoder); the engine once measured it
+    # against the encoder prompt when a batch was already there, failed on its thread and never answered
+    t5 = TextGeneration(tiny_t5_onnx, device="cpu")
+    prompt = "the quick brown fox jumps over the lazy dog " * 2
+    assert len(t5.tokenizer.encode(prompt)) > 4
+    with ThreadServer(t5, limits=dataclasses.replace(LIMITS, timeout=20)) as running, running.http() as http:
+        assert http.post("/text-generation", json={"text": "hello", "max_new_tokens": 2}).status_code == 200
+        answer = http.post("/text-generation", json={"text": prompt, "max_length": 4, "do_sample": False})
+        completion = running.openai().completions.create(model=MODEL_NAME, prompt="a dog", max_tokens=3, temperature=0)
+    assert answer.status_code == 200 and answer.json() == {"output": t5(prompt, max_length=4, do_sample=False)}
+    assert completion.choices[0].text == greedy(t5, "a dog", 3)
+
+
 # -- health, metrics -----------------------------------------------------------------------------------------
 def test_health_and_metrics(server, client):
     client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
@@ -516,6 +530,29 @@ def test_engine_starts_a_fresh_generator_when_the_batch_cache_would_outgrow_its_
         engine.stop()
     assert [sink.tokens() for sink in sinks] == [expected] * 4
     assert len(generators) >= 2  # 4 + 10 steps + 20 new tokens past 40 columns: the third started afresh
+
+
+def test_a_long_prompt_that_would_push_a_running_job_past_the_budget_starts_a_fresh_generator(gpt2):
+    from onnxgen.server.engine import Engine, Job
+
+    engine = Engine(_SlowModel(gpt2.model, 0.005), gpt2.tokenizer.decode, width_budget=60)  # A outlasts B's arrival
+    short, long_prompt = [5, 6, 7], list(range(10, 40))
+    plans = [gpt2.plan({"do_sample": False, "max_new_tokens": n, "min_new_tokens": n}) for n in (40, 5)]
+    sinks = [_Collector(), _Collector()]
+    jobs = [Job([short], plans[0], sinks[0], stream=True), Job([long_prompt], plans[1], sinks[1])]
+    try:
+        engine.submit(jobs[0])
+        while sum(len(m[1]) for m in list(sinks[0].messages) if m[0] == "tokens") < 3:
+            time.sleep(0.001)
+        # alone it fits (30 + 5 <= 60), but joining would left-pad the running job by ~24 columns: 3 + 40 + 24 > 60
+        engine.submit(jobs[1])
+        assert all(sink.done.wait(30) for sink in sinks)
+    finally:
+        engine.stop()
+    assert jobs[0]._batch is not jobs[1]._batch
+    for sink, prompt, plan in zip(sinks, (short, long_prompt), plans):
+        n = plan.max_new_tokens
+        assert sink.tokens() == gpt2.generate_ids([prompt], do_sample=False, max_new_tokens=n, min_new_tokens=n)[0][0]
 
 
 def test_engine_fails_only_the_job_whose_prefill_fails(gpt2):

@@ -31,7 +31,8 @@ async def text_generation(ctx: ServerContext, request: Request, body: dict[str, 
     ids = ctx.encode(req.prompts, plan, "text")
     request.scope.setdefault("onnxgen.log", {}).update(prompt_tokens=sum(map(len, ids)), prompts=len(ids))
     stream = JobStream(ctx, request)
-    job = Job(ids, plan, stream.sink, timeout=ctx.limits.timeout)
+    job = Job(ids, plan, stream.sink, timeout=ctx.limits.timeout,
+              counts_prompt=not ctx.tg.manifest.is_encoder_decoder)
     submit(ctx, job)
     outputs = []
     for index, sequences, _ in await stream.collect(job):

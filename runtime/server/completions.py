@@ -36,7 +36,8 @@ async def create_completion(ctx: ServerContext, request: Request, body: dict[str
     log = request.scope.setdefault("onnxgen.log", {})
     log.update(prompt_tokens=sum(map(len, ids)), prompts=len(ids), n=req.n, stream=req.stream)
     stream = JobStream(ctx, request)
-    job = Job(ids, plan, stream.sink, stream=req.stream, top_logprobs=req.logprobs, timeout=ctx.limits.timeout)
+    job = Job(ids, plan, stream.sink, stream=req.stream, top_logprobs=req.logprobs, timeout=ctx.limits.timeout,
+              counts_prompt=not ctx.tg.manifest.is_encoder_decoder)
     submit(ctx, job)
     answer = _Answer(ctx, req, ids)
     if req.stream:

@@ -38,11 +38,13 @@ logger = logging.getLogger(__name__)
 
 
 class _Batch:
-    """One generator and the jobs in it; `width` tracks (an upper bound of) its KV cache length."""
+    """One generator and the jobs in it; `width` tracks (an upper bound of) its KV cache length, and `end` the
+    width it reaches by the time its current jobs are done."""
 
     def __init__(self, generator: Generator):
         self.generator = generator
         self.width = 0
+        self.end = 0
         self.jobs: dict[int, Job] = {}  # handle -> job
         self.retired = False  # takes no new jobs
 
@@ -50,12 +52,23 @@ class _Batch:
     def live(self) -> bool:
         return not self.generator.is_done()
 
-    def fits(self, job: Job, budget: float) -> bool:
+    def fits(self, jobs: list[Job], budget: float) -> bool:
+        """Whether `jobs`, prefilled together, can join without the cache outgrowing `budget`."""
         if self.retired:
             return False
-        longest = max(len(p) for p in job.prompts)
-        start = max(self.width, longest) if self.live else longest
-        return start + job.max_new_tokens() <= budget or not self.jobs
+        if budget == math.inf:  # T5: no growing cache to bound
+            return True
+        start, end = self.joined(max(len(p) for job in jobs for p in job.prompts), self.live)
+        alone = not self.jobs and len(jobs) == 1  # an empty generator takes any one job
+        return alone or max(end, start + max(job.max_new_tokens() for job in jobs)) <= budget
+
+    def joined(self, longest: int, live: bool) -> tuple[int, int]:
+        """(width, end) once prompts of at most `longest` tokens join (`live`: while others run). A longer prompt
+        left-pads every running row, so the jobs already running end that much later too."""
+        if not live:
+            return longest, longest
+        start = max(self.width, longest)
+        return start, self.end + start - self.width
 
 
 class Engine:
@@ -143,6 +156,10 @@ class Engine:
             except Exception:  # never let the thread die: fail what is in flight and start over
                 logger.exception("engine step failed; failing the requests in flight")
                 with self._cond:
+                    # jobs taken from the queue but not yet running would otherwise never be answered
+                    for job in admitted:
+                        if job not in self._running:
+                            send(job, ("error", 500, "internal error while generating", "internal_error"))
                     self._fail_running(500, "internal error while generating", "internal_error")
 
     def _take_admissible(self) -> list[Job]:
@@ -168,7 +185,8 @@ class Engine:
         groups: list[tuple[_Batch, list[Job]]] = []
         for job in jobs:
             batch = self._batches[-1] if self._batches else None
-            if batch is None or not batch.fits(job, self.width_budget):
+            joining = groups[-1][1] if groups and groups[-1][0] is batch else []  # prefilled with this one
+            if batch is None or not batch.fits([*joining, job], self.width_budget):
                 batch = self._new_batch()
             if not groups or groups[-1][0] is not batch:
                 groups.append((batch, []))
@@ -198,8 +216,10 @@ class Engine:
             logger.exception("prefill failed for %d prompts", len(prompts))
             send(jobs[0], ("error", 500, "internal error while reading the prompt", "internal_error"))
             return
-        longest = max(len(p) for p in prompts)
-        batch.width = max(batch.width, longest) if was_live else longest
+        batch.width, end = batch.joined(max(len(p) for p in prompts), was_live)
+        if self.width_budget != math.inf:
+            end = max([end] + [batch.width + job.max_new_tokens() for job in jobs])
+        batch.end = end
         now, it = time.monotonic(), iter(handles)
         for job in jobs:
             job.admitted, job._batch = now, batch
@@ -292,7 +312,7 @@ class Engine:
             job._handles.clear()
         batch.jobs.clear()
         batch.generator = Generator(self.model, self.detokenize)
-        batch.width = 0
+        batch.width = batch.end = 0
 
     def _fail_running(self, status: int, message: str, error_type: str) -> None:
         for job in self._running:

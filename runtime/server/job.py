@@ -41,6 +41,7 @@ class Job:
     stream: bool = False
     top_logprobs: int | None = None  # alternatives per token; None: none computed
     timeout: float | None = None  # seconds from submission; None: no limit
+    counts_prompt: bool = True  # max_length counts the prompt (GPT-2); T5's counts decoder tokens only
     # Engine side.
     submitted: float = field(default_factory=time.monotonic)
     admitted: float | None = None
@@ -56,7 +57,7 @@ class Job:
         return len(self.prompts) * self.plan.rows_per_prompt
 
     def max_new_tokens(self) -> int:
-        return max(self.plan.new_token_bounds(len(p))[1] for p in self.prompts)
+        return max(self.plan.new_token_bounds(len(p) if self.counts_prompt else 1)[1] for p in self.prompts)
 
     def expired(self, now: float) -> bool:
         return self.timeout is not None and now - self.submitted > self.timeout
