@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .tokenizer import common_prefix_length
+
 
 class StopStringWatcher:
     """Watches the sequences of one prompt. Only the text that changed since the last check (plus the longest
@@ -25,21 +27,9 @@ class StopStringWatcher:
     def check(self, sequence: int, token_ids: list[int]) -> str | None:
         """The text before the first stop string, or None while no stop string has appeared."""
         text = self.detokenize(token_ids)
-        unchanged = _common_prefix_length(self.last_text.get(sequence, ""), text)
+        unchanged = common_prefix_length(self.last_text.get(sequence, ""), text)
         self.last_text[sequence] = text
         start = max(0, unchanged - self.overlap)
         found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         return text[: min(found)] if found else None
 
-
-def _common_prefix_length(old: str, new: str) -> int:
-    if new.startswith(old):  # the usual step: the text grew
-        return len(old)
-    low, high = 0, min(len(old), len(new))  # old[:low] == new[:low], and the prefixes differ beyond high
-    while low < high:
-        middle = (low + high + 1) // 2
-        if new.startswith(old[:middle]):
-            low = middle
-        else:
-            high = middle - 1
-    return low

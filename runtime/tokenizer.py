@@ -20,6 +20,23 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
+INCOMPLETE_CHARACTER = "\ufffd"  # what decoding shows for a character whose bytes have not all arrived
+
+
+def common_prefix_length(old: str, new: str) -> int:
+    """How many leading characters `new` shares with `old` (decoded text mostly grows, so that is checked first)."""
+    if new.startswith(old):  # the usual step: the text grew
+        return len(old)
+    low, high = 0, min(len(old), len(new))  # old[:low] == new[:low], and the prefixes differ beyond high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if new.startswith(old[:middle]):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 class TextTokenizer:
     def __init__(self, directory: str | Path, spec: TokenizerSpec):
         from tokenizers import Tokenizer
@@ -56,7 +73,7 @@ class IncrementalDecoder:
 
     def _safe_end(self, text: str) -> int:
         end = len(text)
-        while end and text[end - 1] == "\ufffd":
+        while end and text[end - 1] == INCOMPLETE_CHARACTER:
             end -= 1
         for stop in self.stops:
             for size in range(min(len(stop) - 1, end), 0, -1):

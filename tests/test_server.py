@@ -161,6 +161,20 @@ def test_logprobs(client, gpt2):
     assert values == pytest.approx(details.logprobs, abs=1e-5)
 
 
+def test_logprob_tokens_join_to_the_text_when_characters_span_tokens(client):
+    split = 0
+    for seed in range(30):
+        answer = client.completions.create(model=MODEL_NAME, prompt="café", max_tokens=20, seed=seed, logprobs=1,
+                                           extra_body={"min_tokens": 20})
+        choice, tokens = answer.choices[0], answer.choices[0].logprobs.tokens
+        assert len(tokens) == len(choice.logprobs.text_offset) == answer.usage.completion_tokens == 20
+        if "\ufffd" not in choice.text:  # a sequence may end inside a character
+            assert "".join(tokens) == choice.text
+        assert choice.logprobs.text_offset == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        split += "" in tokens  # a token that only starts a character
+    assert split  # the byte-level tokenizer did split characters across tokens here
+
+
 def test_beam_search_as_extra_fields(client, gpt2):
     answer = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0, n=2,
                                        extra_body={"num_beams": 3, "length_penalty": 1.0})

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..search import SequenceOutput
-from ..tokenizer import IncrementalDecoder
+from ..tokenizer import INCOMPLETE_CHARACTER, IncrementalDecoder, common_prefix_length
 from .bridge import JobStream, submit
 from .job import Job, TokenUpdate
 from .schemas import CompletionRequest, RequestError, from_generation_error, parse_completion
@@ -128,18 +128,24 @@ class TokenTexts:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def one(self, token: int, before: list[int]) -> str:
+    def one(self, token: int, before: list[int], joined: bool = True) -> str:
+        """What `token` adds to the text after `before`. A character split across tokens belongs to the token
+        that completes it (those before it add "", so the chosen tokens' strings join to the text; an
+        alternative, `joined=False`, shows its vocabulary entry instead); a special token, which decodes to
+        nothing, shows its name."""
         context = list(before[-_CONTEXT_TOKENS:])
         decode = self.tokenizer.decode
-        text = decode(context + [token])
-        head = decode(context) if context else ""
-        piece = text[len(head):] if text.startswith(head) else text
-        return piece or (self.tokenizer.backend.id_to_token(int(token)) or "")
+        text = decode(context + [token]).rstrip(INCOMPLETE_CHARACTER)
+        head = decode(context).rstrip(INCOMPLETE_CHARACTER) if context else ""
+        piece = text[len(head):] if text.startswith(head) else text[common_prefix_length(head, text):]
+        if piece or (joined and decode([token])):
+            return piece
+        return self.tokenizer.backend.id_to_token(int(token)) or ""
 
     def alternatives(self, pair: dict[int, float] | None, before: list[int]) -> list[tuple[str, float]]:
         if not pair:
             return []
-        return [(self.one(token, before), lp) for token, lp in pair.items()]
+        return [(self.one(token, before, joined=False), lp) for token, lp in pair.items()]
 
 
 class _Choice:
