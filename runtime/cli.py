@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -136,7 +137,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.stream:
         if len(args.prompt) != 1:
             raise ValueError(f"--stream takes one prompt, got {len(args.prompt)}")
-        for piece in tg.stream(args.prompt[0], truncation=args.truncation, **params):
+        if args.json:
+            raise ValueError("--stream prints text as it comes and --json prints details at the end: pass one of them")
+        pieces = tg.stream(args.prompt[0], truncation=args.truncation, **params)
+        first = next(pieces, "")  # bad parameters fail here, before anything is printed
+        if tg._full_text(args.return_full_text):  # as without --stream: GPT-2 repeats the prompt by default
+            sys.stdout.write(tg.tokenizer.decode(tg.tokenizer.encode(args.prompt[0])))
+        for piece in itertools.chain([first], pieces):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

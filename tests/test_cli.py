@@ -34,6 +34,17 @@ def test_generate_streams_and_prints_details(tiny_t5_onnx):
     assert len(rows) == 2 and {"text", "token_ids", "finish_reason", "score"} <= rows[0].keys()
 
 
+def test_streaming_prints_what_the_same_call_without_stream_prints(tiny_gpt2_onnx):
+    args = ("generate", str(tiny_gpt2_onnx), "The café", "--max-new-tokens", "6", "--do-sample", "false")
+    for extra in ((), ("--return-full-text", "false")):
+        plain, streamed = onnxgen(*args, *extra), onnxgen(*args, *extra, "--stream")
+        assert plain.returncode == streamed.returncode == 0, plain.stderr + streamed.stderr
+        assert streamed.stdout == plain.stdout
+    assert onnxgen(*args, "--stream").stdout.startswith("The café")  # GPT-2 shows the prompt by default
+    both = onnxgen(*args, "--stream", "--json")
+    assert both.returncode != 0 and "--stream prints text as it comes and --json" in both.stderr and not both.stdout
+
+
 def test_info_prints_the_manifest(tiny_t5_onnx):
     result = onnxgen("info", str(tiny_t5_onnx))
     assert result.returncode == 0
