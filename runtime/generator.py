@@ -9,7 +9,8 @@ Prompts can join while others run (`add`): they are prefilled on their own and t
 batch where the model state allows it (`extend`), or else stepped as a separate cohort. Either way a prompt's
 output never depends on what shares its batch, but for one thing kept as transformers has it: prompts prefilled
 together are left-padded with the model's padding id (GPT-2: EOS), and repetition_penalty and no_repeat_ngram see
-that padding; a prompt that joins later is padded with -1, which they skip.
+that padding; a prompt that joins later is padded with -1, which they skip. (The model may still depend on the
+batch: int8 graphs quantize activations with one scale per call.)
 
     generator.start(prompts, plans)
     while not generator.is_done():

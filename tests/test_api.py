@@ -216,6 +216,16 @@ def test_a_max_length_beyond_the_context_is_an_error_that_truncation_cannot_fix(
     assert len(gpt2.generate_ids([[5] * 8], max_length=limit, do_sample=False, min_length=limit)[0][0]) == limit - 8
 
 
+def test_the_gpu_cuda_means_comes_from_the_environment(monkeypatch):
+    from onnxgen.model.session import device_id
+
+    monkeypatch.setenv("ONNXGEN_CUDA_DEVICE", "3")
+    assert device_id("cuda") == 3 and device_id("cpu") == 0
+    monkeypatch.setenv("ONNXGEN_CUDA_DEVICE", "second")
+    with pytest.raises(ValueError, match="ONNXGEN_CUDA_DEVICE must be a GPU index"):
+        device_id("cuda")
+
+
 def test_cuda_without_its_provider_is_an_error(tiny_gpt2_onnx):
     import onnxruntime
 

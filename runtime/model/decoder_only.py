@@ -9,7 +9,7 @@ import numpy as np
 from ..manifest import Manifest, check_graph_io
 from .base import Prefill
 from .kv_cache import KVCache
-from .session import create_session, prefill_run_options
+from .session import create_session, device_id, prefill_run_options
 
 
 class Gpt2Session:
@@ -52,7 +52,7 @@ class DecoderOnlyModel(Gpt2Session):
             attention_mask[r, width - len(prompt) :] = 1
         # transformers' GPT-2 positions: count real tokens only; padding gets position 1 (masked anyway).
         position_ids = np.where(attention_mask == 1, np.cumsum(attention_mask, axis=1) - 1, 1)
-        cache = KVCache(self.device)
+        cache = KVCache(self.device, device_id(self.device))
         empty = np.zeros((rows, self.num_heads, 0, self.head_size), dtype=np.float32)
         for name in self.past_names:
             cache.set_numpy(name, empty)
@@ -81,7 +81,7 @@ class DecoderOnlyState:
         self.cache.bind(binding)
         binding.bind_output("logits", "cpu")
         for name in self.model.present_names:
-            binding.bind_output(name, self.cache.device)
+            binding.bind_output(name, self.cache.device, self.cache.device_id)
         session.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
         for past, present in zip(self.model.past_names, outputs[1:]):

@@ -10,7 +10,7 @@ import numpy as np
 from ..manifest import Manifest, check_graph_io
 from .base import Prefill
 from .kv_cache import KVCache
-from .session import create_session
+from .session import create_session, device_id
 
 
 def special_token_ids(manifest: Manifest) -> tuple[tuple[int, ...], int, int]:
@@ -59,10 +59,10 @@ class EncoderDecoderModel:
         binding.bind_cpu_input("encoder_hidden_states", hidden)
         binding.bind_output("logits", "cpu")
         for name in self.self_present + self.cross_present:
-            binding.bind_output(name, self.device)
+            binding.bind_output(name, self.device, device_id(self.device))
         decoder.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        cache = KVCache(self.device)
+        cache = KVCache(self.device, device_id(self.device))
         for past, present in zip(self.self_past + self.cross_past, outputs[1:]):
             cache.set_value(past, present)
         logits = np.ascontiguousarray(outputs[0].numpy()[:, -1, :], dtype=np.float32)
@@ -88,7 +88,7 @@ class EncoderDecoderState:
         self.cache.bind(binding)
         binding.bind_output("logits", "cpu")
         for name in self.model.self_present:
-            binding.bind_output(name, self.cache.device)
+            binding.bind_output(name, self.cache.device, self.cache.device_id)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         for past, present in zip(self.model.self_past, outputs[1:]):

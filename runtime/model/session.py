@@ -96,11 +96,23 @@ def release_freed_heap() -> None:
         _malloc_trim(0)
 
 
+def device_id(device: str) -> int:
+    """Which GPU "cuda" means: ONNXGEN_CUDA_DEVICE (default 0). Sessions, cached keys/values and bound outputs
+    all use it, so nothing crosses between GPUs."""
+    if device != "cuda":
+        return 0
+    value = os.environ.get("ONNXGEN_CUDA_DEVICE", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"ONNXGEN_CUDA_DEVICE must be a GPU index (0, 1, ...), got {value!r}") from None
+
+
 def create_session(path: str | Path, device: str, intra_op_threads: int | None = None) -> Any:
     ort = import_onnxruntime()
     providers: list[Any] = ["CPUExecutionProvider"]
     if device == "cuda":
-        providers = [("CUDAExecutionProvider", {"device_id": int(os.environ.get("ONNXGEN_CUDA_DEVICE", 0))})] + providers
+        providers = [("CUDAExecutionProvider", {"device_id": device_id(device)})] + providers
     logger.debug("loading %s on %s", path, device)
     return ort.InferenceSession(str(path), sess_options=session_options(intra_op_threads), providers=providers)
 
