@@ -569,6 +569,42 @@ def test_a_long_prompt_that_would_push_a_running_job_past_the_budget_starts_a_fr
         assert sink.tokens() == gpt2.generate_ids([prompt], do_sample=False, max_new_tokens=n, min_new_tokens=n)[0][0]
 
 
+def test_a_stream_whose_client_is_gone_before_the_first_byte_stops_its_job(gpt2):
+    import asyncio
+
+    from onnxgen.server.completions import JobStreamingResponse
+    from onnxgen.server.engine import Engine, Job
+
+    engine = Engine(_SlowModel(gpt2.model, 0.005), gpt2.tokenizer.decode)
+    sink = _Collector()
+    job = Job([[5, 6, 7]], gpt2.plan({"do_sample": False, "max_new_tokens": 200, "min_new_tokens": 200}), sink,
+              stream=True)
+
+    async def body():  # never started: the client is gone when the headers are sent
+        raise AssertionError("the body should not run")
+        yield b""
+
+    async def send(message):
+        raise OSError("connection reset by peer")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    try:
+        engine.submit(job)
+        response = JobStreamingResponse(engine, job, body(), media_type="text/event-stream")
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises(Exception):  # starlette turns the OSError into ClientDisconnect
+            asyncio.run(response(scope, receive, send))
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.running == 0 and job.cancelled
+        assert job.generated_tokens < 200  # the rows left early instead of generating for nobody
+    finally:
+        engine.stop()
+
+
 def test_engine_fails_only_the_job_whose_prefill_fails(gpt2):
     from onnxgen.server.engine import Engine, Job
 

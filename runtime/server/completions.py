@@ -42,14 +42,30 @@ async def create_completion(ctx: ServerContext, request: Request, body: dict[str
     answer = _Answer(ctx, req, ids)
     if req.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_sse(ctx, stream, job, answer, log), media_type="text/event-stream",
-                                 headers=headers)
+        return JobStreamingResponse(ctx.engine, job, _sse(ctx, stream, job, answer, log),
+                                    media_type="text/event-stream", headers=headers)
     results = await stream.collect(job)
     choices = [choice for prompt, outputs, alternatives in results
                for sequence, (output, alts) in enumerate(zip(outputs, alternatives))
                for choice in answer.choice(prompt, sequence, output, alts)]
     log.update(completion_tokens=answer.completion_tokens)
     return JSONResponse({**answer.envelope(), "choices": choices, "usage": answer.usage()})
+
+
+class JobStreamingResponse(StreamingResponse):
+    """A streamed answer that stops its job however the response ends. The body's own clean-up runs only once
+    the body has started, and a client gone before the first byte was sent never starts it: the job would then
+    generate to its last token for nobody. (Cancelling a finished job does nothing.)"""
+
+    def __init__(self, engine, job: Job, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self.engine, self.job = engine, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine.cancel(self.job)
 
 
 class _Answer:
