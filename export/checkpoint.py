@@ -55,12 +55,13 @@ def load_architecture(source: str) -> str:
 
 
 def load_checkpoint(source: str, architecture: str) -> Checkpoint:
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     loader = AutoModelForCausalLM if architecture == "gpt2" else AutoModelForSeq2SeqLM
     with translate_load_errors(source):
+        options = _attention_options(AutoConfig.from_pretrained(source), architecture)
         # transformers < 5 loads float32 unless asked otherwise; .float() makes that explicit for fp16 checkpoints.
-        model = loader.from_pretrained(source).float().eval()
+        model = loader.from_pretrained(source, **options).float().eval()
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     if not getattr(tokenizer, "is_fast", False):
         raise ExportError(
@@ -68,6 +69,19 @@ def load_checkpoint(source: str, architecture: str) -> Checkpoint:
             "onnxgen needs a tokenizer.json (install sentencepiece so it can be converted)"
         )
     return Checkpoint(source=source, architecture=architecture, model=model, tokenizer=tokenizer)
+
+
+def _attention_options(config: Any, architecture: str) -> dict[str, str]:
+    """GPT-2 configs that change how attention scores are scaled load with eager attention: the SDPA path that
+    transformers picks by default ignores scale_attn_weights=False and scale_attn_by_inverse_layer_idx=True in the
+    versions the exporter pins (< 4.58; huggingface/transformers#44380, fixed later by #44397), so optimum's
+    graphs and the export check would follow a model the config does not describe. The fused graphs implement
+    the config; with this, optimum's export and the check against PyTorch do too."""
+    if architecture == "gpt2" and (
+        not getattr(config, "scale_attn_weights", True) or getattr(config, "scale_attn_by_inverse_layer_idx", False)
+    ):
+        return {"attn_implementation": "eager"}
+    return {}
 
 
 _HUB_UNREACHABLE = (

@@ -175,8 +175,9 @@ def test_position_buckets_are_transformers_buckets():
         (dict(d_kv=12), "d_kv 12 is not a multiple of 8"),
         (dict(feed_forward_proj="gated-tanh"), "activation 'tanh' is not supported"),
         (dict(relative_attention_num_buckets=2), "relative_attention_num_buckets 2"),
+        (dict(relative_attention_num_buckets=8, relative_attention_max_distance=4), "max distance above half"),
     ],
-    ids=["head-size", "activation", "buckets"],
+    ids=["head-size", "activation", "buckets", "max-distance-at-half"],
 )
 def test_configs_the_graphs_cannot_represent_are_refused(change, message):
     config = transformers.T5Config(**{**GATED_CONFIG, "vocab_size": 50, **change})

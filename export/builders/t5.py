@@ -94,10 +94,12 @@ class T5Dims:
                 f"feed_forward_proj activation {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
             )
         buckets, distance = int(config.relative_attention_num_buckets), int(config.relative_attention_max_distance)
-        if buckets < 4 or distance < buckets // 2:
+        # the decoder's log-spaced buckets start at half the buckets and grow up to max_distance: at exactly half
+        # they have no range (transformers' own bucketing divides by log(1) there)
+        if buckets < 4 or distance <= buckets // 2:
             raise ExportError(
                 f"relative_attention_num_buckets {buckets} with relative_attention_max_distance {distance} is not "
-                "supported; at least 4 buckets and a max distance of at least half the buckets are needed"
+                "supported; at least 4 buckets and a max distance above half the buckets are needed"
             )
         decoder_layers = config.num_decoder_layers if config.num_decoder_layers is not None else config.num_layers
         return cls(
