@@ -14,7 +14,7 @@ from .manifest import Manifest, load_manifest
 from .model import load_model
 from .params import config_from_kwargs
 from .search import SequenceOutput
-from .tokenizer import IncrementalDecoder, TextTokenizer
+from .tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class TextGeneration:
         ids = self.encode(prompts, plan, truncation)
         generator = Generator(self.model, self.tokenizer.decode)
         generator.start(ids, [plan])
-        pieces = IncrementalDecoder(self.tokenizer.decode, plan.stop)
+        pieces = self.tokenizer.incremental_decoder(plan.stop)
         tokens: list[int] = []
         while not generator.is_done():
             for event in generator.step():

@@ -45,6 +45,8 @@ class TextTokenizer:
         self.backend = Tokenizer.from_file(str(Path(directory) / spec.file))
         self.backend.no_padding()
         self.backend.no_truncation()
+        if spec.split_special_tokens:
+            self.backend.encode_special_tokens = True
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=self.spec.add_special_tokens).ids
@@ -57,6 +59,13 @@ class TextTokenizer:
         text = self.backend.decode(list(ids), skip_special_tokens=True)
         return clean_up_tokenization(text) if self.spec.clean_up_tokenization_spaces else text
 
+    def incremental_decoder(self, stops: tuple[str, ...] = ()) -> IncrementalDecoder:
+        """A streaming decoder whose pieces join to what `decode` gives for the whole sequence."""
+        if not self.spec.clean_up_tokenization_spaces:
+            return IncrementalDecoder(self.decode, stops)
+        raw = lambda ids: self.backend.decode(list(ids), skip_special_tokens=True)  # noqa: E731
+        return IncrementalDecoder(raw, stops, clean_up=clean_up_tokenization)
+
 
 class IncrementalDecoder:
     """Turns a growing list of ids into text pieces that never need rewriting.
@@ -64,11 +73,17 @@ class IncrementalDecoder:
     Each call decodes the whole sequence and emits what is new, holding back a trailing replacement character
     (a multi-byte character whose bytes have not all arrived) and any tail that could be the start of a stop
     string, so the concatenated pieces always equal the final text.
+
+    With `clean_up` (transformers' clean-up of spaces before punctuation), `decode` gives the text before it, and
+    only what the clean-up can no longer change is emitted: its patterns all start with a space and span at most
+    four characters, so text cut where the last three characters hold no space cleans up the same whatever
+    follows. (A clean-up pass can undo another's rewrite: "x ' " reads "x'" until a "." makes it "x '.".)
     """
 
-    def __init__(self, decode, stops: tuple[str, ...] = ()):
+    def __init__(self, decode, stops: tuple[str, ...] = (), clean_up=None):
         self.decode = decode
         self.stops = stops
+        self.clean_up = clean_up
         self.emitted = 0
 
     def _safe_end(self, text: str) -> int:
@@ -84,6 +99,8 @@ class IncrementalDecoder:
 
     def piece(self, ids: list[int]) -> str:
         text = self.decode(ids)
+        if self.clean_up is not None:
+            text = self.clean_up(text[: _settled_end(text)])
         end = self._safe_end(text)
         out = text[self.emitted : end]
         self.emitted = end
@@ -93,3 +110,14 @@ class IncrementalDecoder:
         out = final_text[self.emitted :]
         self.emitted = len(final_text)
         return out
+
+
+def _settled_end(raw: str) -> int:
+    """The longest prefix of `raw` whose clean-up no later text can change: one whose last three characters
+    hold no space (no clean-up pattern can then span its end)."""
+    end = len(raw)
+    while end and INCOMPLETE_CHARACTER == raw[end - 1]:
+        end -= 1
+    while (space := raw.rfind(" ", max(0, end - 3), end)) >= 0:
+        end = space  # cut before that space, then check the characters before the new end the same way
+    return end

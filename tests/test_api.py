@@ -118,6 +118,40 @@ def test_stream_never_breaks_a_multibyte_character(gpt2):
     assert "".join(pieces) == gpt2.tokenizer.decode(ids) and all("\ufffd" not in p for p in pieces)
 
 
+def test_stream_pieces_join_to_the_text_when_clean_up_rewrites_it(tiny_gpt2_onnx, tmp_path):
+    import json
+    import shutil
+
+    from onnxgen.tokenizer import IncrementalDecoder
+
+    directory = tmp_path / "clean_up"
+    shutil.copytree(tiny_gpt2_onnx, directory)
+    manifest = json.loads((directory / "onnxgen.json").read_text())
+    manifest["tokenizer"]["clean_up_tokenization_spaces"] = True  # as tokenizers saved before transformers 4.45
+    (directory / "onnxgen.json").write_text(json.dumps(manifest))
+    tokenizer = TextGeneration(directory, device="cpu").tokenizer
+    ids = tokenizer.encode("Hello , world . Isn 't it ? Yes ! I 'm sure , they 've said so ' right ' .")
+    final = tokenizer.decode(ids)
+    assert " ," not in final and " 'm" not in final  # the clean-up did rewrite it
+    for stops in ((), ("said",)):
+        decoder = tokenizer.incremental_decoder(stops)
+        pieces = [decoder.piece(ids[:i]) for i in range(1, len(ids) + 1)]
+        sent = "".join(pieces)
+        assert sent == final[: len(sent)] and len(sent) > len(final) // 2  # nothing taken back, most sent early
+        assert sent + decoder.finish(final) == final
+        naive = IncrementalDecoder(tokenizer.decode, stops)  # what streaming did before it knew of the clean-up
+        assert not final.startswith("".join(naive.piece(ids[:i]) for i in range(1, len(ids) + 1)))
+    # random runs of the characters the clean-up works on, chains of " ' " included
+    alphabet = sorted({i for text in (" ", "'", ".", ",", "?", "!", "n", "t", "s", "m", "v", "e", "r", "x")
+                       for i in tokenizer.encode(text)})
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        ids = rng.choice(alphabet, size=int(rng.integers(1, 24))).tolist()
+        final, decoder = tokenizer.decode(ids), tokenizer.incremental_decoder()
+        sent = "".join(decoder.piece(ids[:i]) for i in range(1, len(ids) + 1))
+        assert final.startswith(sent) and sent + decoder.finish(final) == final, ids
+
+
 def test_stop_string_ends_generation_and_is_not_included(gpt2):
     full = gpt2("The ticket", do_sample=False, max_new_tokens=30, return_full_text=False)
     stop = full[len(full) // 2 : len(full) // 2 + 3]

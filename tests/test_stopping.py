@@ -26,7 +26,7 @@ def tokenizer(tiny_gpt2_onnx):
 
 @pytest.mark.parametrize("stop", ["你", "Hi 你", "你好", "ok 🙂"])
 def test_a_stop_string_ending_in_a_character_split_across_tokens(tokenizer, stop):
-    text = f"well Hi 你好 and ok 🙂 then"
+    text = "well Hi 你好 and ok 🙂 then"
     ids = tokenizer.encode(text)
     assert len(ids) > len(text.split()) + 4  # the byte-level tokenizer spells these characters in several tokens
     assert any("\ufffd" in tokenizer.decode(ids[:end]) for end in range(len(ids)))

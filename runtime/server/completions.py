@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..search import SequenceOutput
-from ..tokenizer import INCOMPLETE_CHARACTER, IncrementalDecoder, common_prefix_length
+from ..tokenizer import INCOMPLETE_CHARACTER, common_prefix_length
 from .bridge import JobStream, submit
 from .job import Job, TokenUpdate
 from .schemas import CompletionRequest, RequestError, from_generation_error, parse_completion
@@ -169,7 +169,7 @@ class _Choice:
 
     def __init__(self, answer: _Answer, prompt: int, sequence: int, stops):
         self.indices = answer.indices(prompt, sequence)
-        self.decoder = IncrementalDecoder(answer.ctx.tg.tokenizer.decode, stops)
+        self.decoder = answer.ctx.tg.tokenizer.incremental_decoder(stops)
         self.tokens: list[int] = []
         self.pending: list[TokenUpdate] = []
         self.offset = 0
