@@ -26,5 +26,6 @@ def write_tokenizer(tokenizer: Any, directory: Path) -> TokenizerSpec:
     return TokenizerSpec(
         file=TOKENIZER_FILE,
         clean_up_tokenization_spaces=bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)),
+        split_special_tokens=bool(getattr(tokenizer, "split_special_tokens", False)),
         add_special_tokens=True,
     )

@@ -81,6 +81,9 @@ class TokenizerSpec:
     add_special_tokens: bool = True
     # GPT-2 has no padding token; batches are padded with this id on the left.
     padding_side: str = "left"
+    # transformers' split_special_tokens (tokenizer_config.json, not tokenizer.json): special tokens written in a
+    # prompt's text are plain text, not control tokens. Written only when set, so older onnxgen still loads.
+    split_special_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Manifest:
         data["graphs"] = {name: dataclasses.asdict(spec) for name, spec in self.graphs.items()}
         if not self.special_tokens.other_eos_token_ids:
             del data["special_tokens"]["other_eos_token_ids"]
+        if not self.tokenizer.split_special_tokens:
+            del data["tokenizer"]["split_special_tokens"]
         data["format"] = FORMAT_NAME
         return data
 
@@ -362,6 +367,7 @@ def _manifest_from_optimum_config(directory: Path, config: dict[str, Any]) -> Ma
         ),
         tokenizer=TokenizerSpec(
             clean_up_tokenization_spaces=bool(tok_config.get("clean_up_tokenization_spaces", False)),
+            split_special_tokens=bool(tok_config.get("split_special_tokens", False)),
         ),
         max_positions=max_positions,
         generation_defaults={k: v for k, v in generation.items() if not k.startswith("_") and k != "transformers_version"},

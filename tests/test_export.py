@@ -114,6 +114,29 @@ def test_tokenizer_json_matches_the_checkpoint_tokenizer(architecture, request):
         assert ids[-1] == manifest.special_tokens.eos_token_id  # the T5 post-processor appends </s>
 
 
+def test_special_tokens_written_in_text_stay_text_when_the_tokenizer_says_so(tiny_gpt2_checkpoint, tiny_gpt2_onnx,
+                                                                            tmp_path):
+    import shutil
+
+    from onnxgen import TextGeneration
+    from onnxgen.export import export_model
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_gpt2_checkpoint, checkpoint)
+    AutoTokenizer.from_pretrained(checkpoint, split_special_tokens=True).save_pretrained(checkpoint)
+    reference = AutoTokenizer.from_pretrained(checkpoint)
+    assert reference.split_special_tokens
+    export_model(checkpoint, tmp_path / "onnx", progress=False)
+    ours = TextGeneration(tmp_path / "onnx", device="cpu").tokenizer
+    text = f"a{tiny_models.GPT2_EOS}b"
+    assert ours.encode(text) == reference(text)["input_ids"]
+    assert reference.convert_tokens_to_ids(tiny_models.GPT2_EOS) not in ours.encode(text)  # no control token
+    assert load_manifest(tmp_path / "onnx").tokenizer.split_special_tokens
+    plain = AutoTokenizer.from_pretrained(tiny_gpt2_checkpoint)  # the default: the text is the special token
+    assert TextGeneration(tiny_gpt2_onnx, device="cpu").tokenizer.encode(text) == plain(text)["input_ids"]
+    assert "split_special_tokens" not in json.loads((tiny_gpt2_onnx / "onnxgen.json").read_text())["tokenizer"]
+
+
 def test_verification_failure_raises_and_records_it(tiny_gpt2_checkpoint, tmp_path, monkeypatch):
     from onnxgen.export import exporter
 
