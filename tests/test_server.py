@@ -605,6 +605,30 @@ def test_a_stream_whose_client_is_gone_before_the_first_byte_stops_its_job(gpt2)
         engine.stop()
 
 
+def test_queued_jobs_behind_one_that_waits_for_rows_time_out_and_free_their_place(gpt2):
+    from onnxgen.server.engine import Engine, Job, Overloaded
+
+    engine = Engine(_SlowModel(gpt2.model, 0.01), gpt2.tokenizer.decode, max_batch_rows=1, max_queue=2)
+    plan = gpt2.plan({"do_sample": False, "max_new_tokens": 100, "min_new_tokens": 100})
+    sinks = {name: _Collector() for name in "ABCDE"}
+    jobs = {name: Job([[5, 6, 7]], plan, sinks[name], timeout=0.2 if name == "C" else None) for name in "ABCDE"}
+    try:
+        engine.submit(jobs["A"])  # takes the only row for ~1 s
+        while engine.running == 0:
+            time.sleep(0.001)
+        engine.submit(jobs["B"])  # first in the queue, waiting for the row
+        engine.submit(jobs["C"])  # behind it, with a short timeout
+        assert sinks["C"].done.wait(0.8)  # answered while A still runs, not once it reached the front
+        assert sinks["C"].messages[-1][:2] == ("error", 504) and not sinks["A"].done.is_set()
+        engine.submit(jobs["D"])
+        engine.cancel(jobs["D"])  # a client that left while queued
+        engine.submit(jobs["E"])  # the queue holds B and D: D's place is free again
+        with pytest.raises(Overloaded):
+            engine.submit(Job([[5]], plan, _Collector()))
+    finally:
+        engine.stop()
+
+
 def test_engine_fails_only_the_job_whose_prefill_fails(gpt2):
     from onnxgen.server.engine import Engine, Job
 

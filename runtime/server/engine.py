@@ -104,6 +104,8 @@ class Engine:
             if self.draining or self._stopping:
                 raise ShuttingDown("the server is shutting down")
             if len(self._inbox) >= self.max_queue:
+                self._drop_stale(time.monotonic())
+            if len(self._inbox) >= self.max_queue:
                 raise Overloaded(f"{len(self._inbox)} requests are already waiting (max_queue={self.max_queue})")
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="onnxgen-engine", daemon=True)
@@ -162,18 +164,29 @@ class Engine:
                             send(job, ("error", 500, "internal error while generating", "internal_error"))
                     self._fail_running(500, "internal error while generating", "internal_error")
 
+    def _drop_stale(self, now: float) -> None:
+        """Take cancelled and expired jobs out of the whole queue (lock held): behind a job that waits for rows
+        they would hold queue places and get their 504 only once they reached the front."""
+        if not any(job.cancelled or job.expired(now) for job in self._inbox):
+            return
+        waiting = deque()
+        for job in self._inbox:
+            if job.cancelled:
+                continue
+            if job.expired(now):
+                send(job, ("error", 504, _timeout_message(job), "timeout"))
+            else:
+                waiting.append(job)
+        self._inbox = waiting
+
     def _take_admissible(self) -> list[Job]:
         """FIFO jobs that fit the free rows (called with the lock held); drops cancelled and expired ones."""
         now, taken = time.monotonic(), []
         free = self.max_batch_rows - self.batch_rows
+        self._drop_stale(now)
         while self._inbox:
             job = self._inbox[0]
-            if job.cancelled:
-                self._inbox.popleft()
-            elif job.expired(now):
-                self._inbox.popleft()
-                send(job, ("error", 504, _timeout_message(job), "timeout"))
-            elif job.rows <= free:
+            if job.rows <= free:
                 self._inbox.popleft()
                 free -= job.rows
                 taken.append(job)
