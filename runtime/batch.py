@@ -176,7 +176,11 @@ def _generate_in_process(model_dir, prompts, seeds, pending, options, device, in
 # -- input ----------------------------------------------------------------------------------------------------
 def input_format(path: Path) -> str:
     if path.is_dir():
-        return "parquet"  # a folder of Parquet files, as Spark and Ray write them
+        # a folder of part files, as Spark and Ray write them; names without a known suffix are Parquet parts
+        formats = {FORMATS.get(part.suffix.lower(), "parquet") for part in _part_files(path)}
+        if len(formats) > 1:
+            raise ValueError(f"{path} mixes JSONL and Parquet files; give a folder of one format")
+        return formats.pop() if formats else "parquet"
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the format of {path}: name it *.jsonl or *.parquet "
@@ -190,11 +194,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"input {path} does not exist")
     if input_format(path) == "parquet":
         rows = _pyarrow("reading Parquet").parquet.read_table(path).to_pylist()
+    elif path.is_dir():
+        rows = [row for part in _part_files(path) for row in _jsonl_rows(part)]
     else:
         rows = list(_jsonl_rows(path))
     if not rows:
         raise ValueError(f"{path} holds no rows")
     return rows
+
+
+def _part_files(folder: Path) -> list[Path]:
+    """A folder's data files in name order; markers and hidden files (_SUCCESS, .crc) are not data."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(("_", ".")))
 
 
 def _jsonl_rows(path: Path):

@@ -49,6 +49,22 @@ def test_rows_keep_their_columns_and_equal_the_api(tiny_gpt2_onnx, tg, tmp_path)
     assert manifest["finished"] == {"part-00000.jsonl": 10, "part-00001.jsonl": 10, "part-00002.jsonl": 3}
 
 
+def test_a_folder_of_jsonl_parts_is_read_in_name_order(tiny_gpt2_onnx, tmp_path):
+    rows, folder = prompts(7), tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "part-00001.jsonl", rows[4:])
+    write_jsonl(folder / "part-00000.jsonl", rows[:4])
+    (folder / "_SUCCESS").write_text("")
+    run_batch(tiny_gpt2_onnx, folder, tmp_path / "out", BatchOptions(params=PARAMS), device="cpu", progress=False)
+    run_batch(tiny_gpt2_onnx, write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "one", BatchOptions(params=PARAMS),
+              device="cpu", progress=False)
+    assert read_output(tmp_path / "out") == read_output(tmp_path / "one")
+    assert [r["id"] for r in read_output(tmp_path / "out")] == list(range(7))
+    (folder / "extra.parquet").write_bytes(b"")
+    with pytest.raises(ValueError, match="mixes JSONL and Parquet"):
+        run_batch(tiny_gpt2_onnx, folder, tmp_path / "mixed", BatchOptions(params=PARAMS), device="cpu", progress=False)
+
+
 def test_a_seed_column_seeds_each_row(tiny_t5_onnx, tmp_path):
     rows = [{"text": "summarize: a text", "seed": s} for s in (1, 2, None, 1)]
     options = BatchOptions(seed_column="seed", params={**PARAMS, "num_generations": 2})
