@@ -8,6 +8,7 @@ the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,8 +72,12 @@ class BeamSearch:
         early_stopping: bool | str,
         do_sample: bool = False,
         rng: np.random.Generator | None = None,
+        ends: Callable[[np.ndarray], bool] | None = None,
     ) -> None:
+        """`ends`: whether a candidate's generated tokens end it as EOS would (a stop string appeared); like
+        transformers' stopping criteria, it is asked of every candidate continuation."""
         self.num_beams = num_beams
+        self.ends = ends
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = np.asarray(eos_token_ids, dtype=np.int64)
         self.length_penalty = length_penalty
@@ -115,6 +120,8 @@ class BeamSearch:
             hits = np.ones(tokens.shape[0], dtype=bool)
         else:  # np.isin's setup costs more than this compare of a few candidates with a few ids
             hits = (tokens[:, None] == self.eos_token_ids[None, :]).any(axis=1)
+            if self.ends is not None:
+                hits |= np.fromiter((self.ends(row) for row in candidate_tokens), dtype=bool, count=len(tokens))
 
         running_scores = top_scores + hits.astype(np.float32) * _NEG
         keep = _top_indices(running_scores, self.num_beams)

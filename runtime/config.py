@@ -244,8 +244,6 @@ def resolve(config: GenerationConfig, defaults: ModelDefaults) -> DecodingPlan:
         )
     if num_beams > 1 and num_return > num_beams:
         raise ValueError(f"num_generations ({num_return}) must be <= num_beams ({num_beams}) in beam search")
-    if num_beams > 1 and config.stop:
-        raise ValueError("stop is not supported with beam search (num_beams > 1) yet; use greedy or sampling")
     max_new = config.max_new_tokens
     max_length = config.max_length
     if max_new is None and max_length is None:

@@ -28,7 +28,7 @@ from .config import DecodingPlan
 from .model.base import LanguageModel
 from .processors import LogitsChain, RowParams, log_softmax
 from .search import BeamGroupSearch, SamplingSearch, SequenceOutput
-from .stopping import StopStringWatcher
+from .stopping import StopStringWatcher, text_before_stop
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,13 @@ class Generator:
         entries = {}
         for handle, plan, prompt_length in zip(handles, plans, prefill.prompt_lengths):
             min_new, max_new = plan.new_token_bounds(int(prompt_length))
-            search_class = BeamGroupSearch if plan.is_beam_search else SamplingSearch
-            watcher = StopStringWatcher(plan.stop, self.detokenize) if plan.stop else None
-            entries[handle] = _Entry(search_class(plan, min_new, max_new, eos), watcher)
+            if plan.is_beam_search:  # candidates change lineage every step: each is decoded whole
+                search = BeamGroupSearch(plan, min_new, max_new, eos, _stop_text(plan.stop, self.detokenize))
+                watcher = None
+            else:
+                search = SamplingSearch(plan, min_new, max_new, eos)
+                watcher = StopStringWatcher(plan.stop, self.detokenize) if plan.stop else None
+            entries[handle] = _Entry(search, watcher)
         cohort = _Cohort(prefill, handles, self.entries, plans, row_params)
         self.cohorts = [c for c in self.cohorts if not c.done]
         if self.cohorts and hasattr(self.cohorts[0].state, "extend"):
@@ -278,6 +282,14 @@ class Generator:
             reason = output.finish_reason if output is not None else None
             events.append(TokenEvent(handle, seq, search.tokens[seq][-1], search.logprobs[seq][-1], reason))
         return events
+
+
+def _stop_text(stops: tuple[str, ...], detokenize) -> Callable[[list[int]], str | None] | None:
+    if not stops:
+        return None
+    if detokenize is None:
+        raise ValueError("stop strings need a tokenizer to decode the generated text")
+    return lambda ids: text_before_stop(detokenize(ids), stops)
 
 
 def _pad_left(history: np.ndarray, width: int) -> np.ndarray:

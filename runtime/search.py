@@ -7,6 +7,7 @@ the strategy inside its loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,12 +112,18 @@ class SamplingSearch:
 
 
 class BeamGroupSearch:
-    """One prompt's beam search (or beam sampling); its rows are the running beams."""
+    """One prompt's beam search (or beam sampling); its rows are the running beams.
 
-    def __init__(self, plan: DecodingPlan, min_new: int, max_new: int, eos_token_ids: tuple[int, ...]):
+    With stop strings (`stop_text`: generated ids -> the text before the first stop string, or None), a candidate
+    whose text holds one ends as if it had produced EOS, and its output is that text with finish reason "stop".
+    """
+
+    def __init__(self, plan: DecodingPlan, min_new: int, max_new: int, eos_token_ids: tuple[int, ...],
+                 stop_text: Callable[[list[int]], str | None] | None = None):
         self.min_new = min_new
         self.num_return_sequences = plan.num_return_sequences
         self.eos = tuple(eos_token_ids)
+        self.stop_text = stop_text
         self.beams = BeamSearch(
             num_beams=plan.num_beams,
             max_new_tokens=max_new,
@@ -125,6 +132,7 @@ class BeamGroupSearch:
             early_stopping=plan.early_stopping,
             do_sample=plan.do_sample,
             rng=make_row_rng(plan.seed, 0) if plan.do_sample else None,
+            ends=None if stop_text is None else lambda ids: stop_text(ids.tolist()) is not None,
         )
         self.cancelled = False
 
@@ -157,9 +165,12 @@ class BeamGroupSearch:
         outputs = []
         for hyp in self.beams.best(self.num_return_sequences):
             tokens = [int(t) for t in hyp.token_ids]
+            text = None if self.stop_text is None else self.stop_text(tokens)
             if self.cancelled and not hyp.finished:
                 reason = "cancelled"
+            elif tokens and tokens[-1] in self.eos:
+                reason = "eos"
             else:
-                reason = "eos" if tokens and tokens[-1] in self.eos else "length"
-            outputs.append(SequenceOutput(tokens, reason, score=hyp.score))
+                reason = "stop" if text is not None else "length"
+            outputs.append(SequenceOutput(tokens, reason, score=hyp.score, text=text if reason == "stop" else None))
         return outputs

@@ -29,7 +29,11 @@ class StopStringWatcher:
         text = self.detokenize(token_ids)
         unchanged = common_prefix_length(self.last_text.get(sequence, ""), text)
         self.last_text[sequence] = text
-        start = max(0, unchanged - self.overlap)
-        found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
-        return text[: min(found)] if found else None
+        return text_before_stop(text, self.stops, max(0, unchanged - self.overlap))
+
+
+def text_before_stop(text: str, stops: tuple[str, ...], start: int = 0) -> str | None:
+    """`text` cut before the first stop string found at or after `start`, or None if none is there."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return text[: min(found)] if found else None
 

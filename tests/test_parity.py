@@ -165,3 +165,50 @@ def test_top_k_1_sampling_is_greedy(pair, request):
     greedy = tg(prompts, do_sample=False, max_new_tokens=15)
     for seed in range(3):
         assert tg(prompts, do_sample=True, top_k=1, temperature=1.3, max_new_tokens=15, seed=seed) == greedy
+
+
+class _TextContains:
+    """A transformers stopping criterion with onnxgen's stop-string rule: the generated text holds the string."""
+
+    def __init__(self, tokenizer, skip: int, stop: str):
+        self.tokenizer, self.skip, self.stop = tokenizer, skip, stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.skip :], skip_special_tokens=True)
+        return torch.tensor([self.stop in text for text in texts], dtype=torch.bool, device=input_ids.device)
+
+
+@pytest.mark.parametrize("pair", ["gpt2_pair", "t5_pair"])
+def test_beam_search_with_a_stop_string_matches_transformers_with_the_same_criterion(pair, request):
+    hf, tg = request.getfixturevalue(pair)
+    prompt = (GPT2_PROMPTS if pair == "gpt2_pair" else T5_PROMPTS)[1]
+    # length_penalty 0 scores a hypothesis by its summed log-probs, so beams cut short by a stop string can win
+    kwargs = dict(num_beams=3, num_return_sequences=3, max_new_tokens=12, length_penalty=0.0)
+    extra = {} if hf.seq2seq else {"return_full_text": False}
+    encoded = hf.tokenizer(prompt, return_tensors="pt")
+    skip = 1 if hf.seq2seq else encoded.input_ids.shape[1]
+    free = tg(prompt, return_details=True, **_onnxgen_kwargs(kwargs), **extra)
+    best = free[0].text
+    ended_on_stop = 0
+    for start in range(2, len(best) - 2, max(1, len(best) // 6)):  # strings the best beam writes along the way
+        stop = best[start : start + 2]
+        if not stop.strip() or "\ufffd" in stop:
+            continue
+        criteria = transformers.StoppingCriteriaList([_TextContains(hf.tokenizer, skip, stop)])
+        with torch.no_grad():
+            out = hf.model.generate(**encoded, stopping_criteria=criteria, pad_token_id=hf.tokenizer.pad_token_id,
+                                    return_dict_in_generate=True, output_scores=True, **kwargs)
+        # what follows a finished hypothesis is filler (EOS ids here); its beam indices say how long it really is
+        lengths = (out.beam_indices >= 0).sum(dim=1).tolist()
+        expected = [row[:n] for row, n in zip(out.sequences[:, skip:].tolist(), lengths)]
+
+        got = tg(prompt, stop=stop, return_details=True, **_onnxgen_kwargs(kwargs), **extra)
+        assert [g.token_ids for g in got] == expected, stop
+        for g in got:
+            text = hf.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            if g.finish_reason == "stop":
+                ended_on_stop += 1
+                assert g.text == text[: text.index(stop)]
+            else:
+                assert stop not in text and g.text == text
+    assert ended_on_stop, "some returned beam should have ended on a stop string"

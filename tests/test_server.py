@@ -180,6 +180,15 @@ def test_beam_search_as_extra_fields(client, gpt2):
                                        extra_body={"num_beams": 3, "length_penalty": 1.0})
     expected = gpt2(PROMPT, num_beams=3, num_generations=2, max_new_tokens=8, return_full_text=False)
     assert [c.text for c in answer.choices] == expected
+    stop = expected[0][len(expected[0]) // 2 :][:2]
+    stopped = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0, n=2, stop=stop,
+                                        extra_body={"num_beams": 3, "length_penalty": 0.0})
+    direct = gpt2(PROMPT, num_beams=3, num_generations=2, max_new_tokens=8, return_full_text=False, stop=stop,
+                  length_penalty=0.0, return_details=True)
+    assert [c.text for c in stopped.choices] == [d.text for d in direct]
+    assert all(stop not in c.text for c in stopped.choices)
+    assert [c.finish_reason for c in stopped.choices] == [{"stop": "stop", "eos": "stop"}.get(d.finish_reason, "length")
+                                                         for d in direct]
 
 
 def test_onnxgen_extras_change_the_output_like_a_direct_call(client, gpt2):
@@ -263,7 +272,6 @@ BAD_REQUESTS = [
     ("top_k negative", _body(top_k=-1), 400, "top_k"),
     ("repetition_penalty zero", _body(repetition_penalty=0), 400, "repetition_penalty"),
     ("num_beams below n", _body(num_beams=2, n=3, temperature=0), 400, "n"),
-    ("beam search with stop", _body(num_beams=2, temperature=0, stop="x"), 400, "stop"),
     ("min_tokens above max_tokens", _body(min_tokens=4), 400, "min_tokens"),
     ("early_stopping a number", _body(early_stopping=2), 400, "early_stopping"),
     ("nan temperature", b'{"model": "tiny", "prompt": "a", "temperature": NaN}', 400, "temperature"),
