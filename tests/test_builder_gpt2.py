@@ -25,6 +25,7 @@ onnx = pytest.importorskip("onnx")
 from test_parity import GPT2_PROMPTS, HFReference, _check_ids_and_text  # noqa: E402
 
 from onnxgen import TextGeneration  # noqa: E402
+from onnxgen.export import export_model  # noqa: E402
 from onnxgen.export.builders import GPT2_OPTIMIZATIONS, write_gpt2  # noqa: E402
 from onnxgen.export.builders.verify import verify_static_gpt2  # noqa: E402
 from onnxgen.generator import Generator  # noqa: E402
@@ -408,3 +409,22 @@ def test_a_state_returns_copies_unless_its_caller_reuses_the_outputs(static_dir)
     fourth = state.step(np.array([1, 1, 1]))
     assert fourth is third and state.logprobs is logprobs  # the bound arrays, overwritten in place
     np.testing.assert_allclose(np.exp(logprobs).sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "silu", "gelu_pytorch_tanh"])
+def test_every_supported_activation_matches_transformers(activation, tiny_gpt2_checkpoint, tmp_path):
+    config = transformers.GPT2Config.from_pretrained(tiny_gpt2_checkpoint, activation_function=activation)
+    torch.manual_seed(2)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_gpt2_checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    manifest = export_model(checkpoint, tmp_path / "fused", optimize="fused", progress=False)
+    assert manifest.verification["passed"]  # logits within atol of PyTorch's on the export's sample
+    prompt = tokenizer("The old lighthouse keeper").input_ids
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, min_new_tokens=8,
+                                  pad_token_id=tokenizer.eos_token_id)[0, len(prompt):].tolist()
+    tg = TextGeneration(tmp_path / "fused", device="cpu")
+    assert tg.generate_ids([prompt], do_sample=False, max_new_tokens=8, min_new_tokens=8)[0][0] == expected

@@ -70,7 +70,8 @@ WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); BiasGelu is the exact erf form.
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 ERF_GELUS = ("gelu", "gelu_python")
-ACTIVATIONS = TANH_GELUS + ERF_GELUS + ("relu",)
+SILUS = ("silu", "swish")  # x * sigmoid(x), under both of its Hugging Face names
+ACTIVATIONS = TANH_GELUS + ERF_GELUS + SILUS + ("relu",)
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,10 @@ def _activation(g, activation, x, bias):
         return g.node("FastGelu", [x, bias], domain=MS_DOMAIN)
     if activation in ERF_GELUS:
         return g.node("BiasGelu", [x, bias], domain=MS_DOMAIN)
-    return g.node("Relu", [g.node("Add", [x, bias])])
+    x = g.node("Add", [x, bias])
+    if activation in SILUS:
+        return g.node("Mul", [x, g.node("Sigmoid", [x])])
+    return g.node("Relu", [x])
 
 
 def _last_positions(g, inputs_embeds, seqlens_k):
