@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length in tokens (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per engine; the median is reported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16", "fp32opt"],
                    help="weights of every engine in this run (default fp32); engines without it are listed as such")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="intra-op threads for every engine (default: all %(default)s cores)")

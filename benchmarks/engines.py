@@ -125,7 +125,8 @@ class Transformers(_TorchGenerate):
 class Optimum(_TorchGenerate):
     name = "optimum"
     artifact = "optimum"
-    precisions = ("fp32", "int8")  # int8: onnxruntime's optimizer + dynamic quantization of its export
+    # int8: onnxruntime's optimizer + dynamic quantization of its export; fp32opt: the optimizer alone
+    precisions = ("fp32", "int8", "fp32opt")
 
     def import_modules(self):
         import torch
@@ -219,7 +220,8 @@ class Genai(Engine):
     name = "genai"
     artifact = "genai"
     families = ("gpt2",)
-    precisions = ("fp32", "int8")  # int8: the graph Optimum's int8 row runs, through genai's generic decoder
+    # int8 / fp32opt: the graph Optimum's row of that precision runs, through genai's generic decoder
+    precisions = ("fp32", "int8", "fp32opt")
 
     def import_modules(self):
         import numpy
@@ -268,7 +270,11 @@ class Onnxgen(Engine):
 
     name = "onnxgen"
     artifact = "onnxgen"
-    precisions = ("fp32", "int8", "fp16")
+    precisions = ("fp32", "int8", "fp16", "fp32opt")  # fp32opt: its own fp32 graphs, against optimized peers
+
+    @classmethod
+    def artifact_for(cls, precision: str) -> str:
+        return cls.artifact if precision in ("fp32", "fp32opt") else f"{cls.artifact}-{precision}"
     _THREAD_ARGS = ("intra_op_threads", "intra_op_num_threads", "num_threads", "threads")
 
     def import_modules(self):

@@ -54,7 +54,8 @@ MODELS = {
     "t5-base": ("t5", T5_BASE),
 }
 
-ARTIFACTS = ("hf", "optimum", "ct2", "genai", "onnxgen", "optimum-int8", "genai-int8", "onnxgen-int8", "onnxgen-fp16")
+ARTIFACTS = ("hf", "optimum", "ct2", "genai", "onnxgen", "optimum-int8", "genai-int8", "onnxgen-int8", "onnxgen-fp16",
+             "optimum-fp32opt", "genai-fp32opt")
 # Random weights predict almost uniformly (the best next token leads the second by ~0.09 logit on GPT-2 small), so
 # int8 rounding flips near-ties: ~93% top-1 agreement where a trained model keeps >= 99%. The benchmark accepts
 # that and reports the agreement the export measured.
@@ -104,7 +105,13 @@ def fingerprint(artifact: str) -> str:
     digest = hashlib.sha256()
     for f in sorted((REPO_DIR / "export").rglob("*.py")):
         digest.update(f.relative_to(REPO_DIR).as_posix().encode() + b"\0" + f.read_bytes())
-    return "export-src " + digest.hexdigest()[:16]
+    # which graphs were exported is part of what was built: a fused folder is never reused for `none`, nor back
+    return f"export-src {digest.hexdigest()[:16]} optimize {onnxgen_optimize()}"
+
+
+def onnxgen_optimize() -> str:
+    """The graphs onnxgen's rows run: fused (default), or ONNXGEN_BENCH_OPTIMIZE=none for the portable ones."""
+    return os.environ.get("ONNXGEN_BENCH_OPTIMIZE", "fused")
 
 
 def is_built(model: str, artifact: str) -> bool:
@@ -118,7 +125,8 @@ def ensure(model: str, artifact: str) -> Path:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     builders = {"hf": _build_hf, "optimum": _build_optimum, "ct2": _build_ct2, "genai": _build_genai,
                 "onnxgen": _build_onnxgen, "optimum-int8": _build_optimum_int8, "genai-int8": _build_genai,
-                "onnxgen-int8": _build_onnxgen, "onnxgen-fp16": _build_onnxgen}
+                "onnxgen-int8": _build_onnxgen, "onnxgen-fp16": _build_onnxgen,
+                "optimum-fp32opt": _build_optimum_optimized, "genai-fp32opt": _build_genai}
     if artifact not in builders:
         raise ValueError(f"artifact must be one of {sorted(builders)}, got {artifact!r}")
     out = path(model, artifact)
@@ -126,10 +134,10 @@ def ensure(model: str, artifact: str) -> Path:
         return out
     if artifact != "hf":
         ensure(model, "hf")
-    if artifact in ("genai", "optimum-int8"):
+    if artifact in ("genai", "optimum-int8", "optimum-fp32opt"):
         ensure(model, "optimum")
-    if artifact == "genai-int8":
-        ensure(model, "optimum-int8")
+    if artifact in ("genai-int8", "genai-fp32opt"):
+        ensure(model, artifact.replace("genai", "optimum"))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -189,21 +197,28 @@ def _build_ct2(model: str, out: Path) -> None:
     ctranslate2.converters.TransformersConverter(str(path(model, "hf"))).convert(str(out), force=True)
 
 
-def _build_optimum_int8(model: str, out: Path) -> None:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _build_optimum_optimized(model: str, out: Path, graph_name: str = "model.onnx") -> Path:
+    """optimum's GPT-2 export through onnxruntime's transformer optimizer (what the peers' int8 rows start from,
+    and the fp32opt rows run: the peers' graphs optimized as far as onnxruntime's own tool takes them)."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     if family(model) != "gpt2":
-        raise ValueError(f"the int8 peer graphs are built for GPT-2 only; {model} is a T5")
+        raise ValueError(f"the optimized peer graphs are built for GPT-2 only; {model} is a T5")
     src, numbers = path(model, "optimum"), config_numbers(model)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith((".onnx", ".onnx_data", ".onnx.data")) and f.name != ".done":
             shutil.copy(f, out / f.name)
     optimized = optimize_model(str(src / "model.onnx"), model_type="gpt2", num_heads=numbers["n_head"],
                                hidden_size=numbers["n_embd"], opt_level=1)
-    fp32 = out / "optimized_fp32.onnx"
-    optimized.save_model_to_file(str(fp32), use_external_data_format=True)
+    optimized.save_model_to_file(str(out / graph_name), use_external_data_format=True)
+    return out / graph_name
+
+
+def _build_optimum_int8(model: str, out: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = _build_optimum_optimized(model, out, "optimized_fp32.onnx")
     quantize_dynamic(str(fp32), str(out / "model.onnx"), op_types_to_quantize=["MatMul"],
                      weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     for f in out.iterdir():
@@ -214,7 +229,7 @@ def _build_optimum_int8(model: str, out: Path) -> None:
 def _build_genai(model: str, out: Path) -> None:
     if family(model) != "gpt2":
         raise ValueError(f"onnxruntime-genai runs GPT-2 only here (generic decoder config); {model} is a T5")
-    src = path(model, "optimum-int8" if out.name.endswith("-int8") else "optimum")
+    src = path(model, out.name.replace("genai", "optimum"))  # genai -> optimum, genai-int8 -> optimum-int8, ...
     for f in src.iterdir():
         if f.name.endswith((".onnx", ".onnx_data", ".onnx.data")) or f.name == "model.onnx_data":
             os.symlink(f, out / f.name)
@@ -273,8 +288,7 @@ def _build_onnxgen(model: str, out: Path) -> None:
     # onnxgen's fused graphs (what `onnxgen export --optimize fused` gives; CPU only).
     # ONNXGEN_BENCH_OPTIMIZE=none measures the portable optimum graphs (what CUDA needs).
     precision = out.name.split("-", 1)[1] if "-" in out.name else "fp32"
-    optimize = os.environ.get("ONNXGEN_BENCH_OPTIMIZE", "fused")
-    export_model(str(path(model, "hf")), str(out), force=True, optimize=optimize, precision=precision,
+    export_model(str(path(model, "hf")), str(out), force=True, optimize=onnxgen_optimize(), precision=precision,
                  min_agreement=RANDOM_WEIGHTS_MIN_AGREEMENT)
 
 

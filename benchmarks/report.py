@@ -16,6 +16,10 @@ from models import family
 PACKAGES = ["onnxgen", "torch", "transformers", "optimum", "optimum-onnx", "accelerate", "onnx", "onnxruntime",
             "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "ctranslate2", "numpy"]
 ENGINE_ORDER = list(ENGINES)
+# Section titles where the precision's name alone would not say what ran.
+PRECISION_TITLES = {
+    "fp32opt": "fp32 weights, the peers' graphs through onnxruntime's transformer optimizer",
+}
 KEY_FIELDS = ("device", "model", "engine", "precision", "mode", "batch", "prompt_tokens", "new_tokens", "threads",
               "repeats")
 
@@ -239,7 +243,7 @@ def markdown_document(tables: str, args, env: dict, done: dict) -> str:
     versions, kernel = _run_environment(shown, env)
     name = section_name(args)
     return f"""{_BEGIN.format(name=name)}
-## {args.device.upper()}, {args.precision} weights
+## {args.device.upper()}, {PRECISION_TITLES.get(args.precision, args.precision + " weights")}
 
 ### Command
 
@@ -253,7 +257,7 @@ def markdown_document(tables: str, args, env: dict, done: dict) -> str:
 - Device: {args.device}; {args.threads} intra-op threads for every engine (OMP/MKL env pinned too)
 - Prompt {args.prompt_tokens} tokens (fixed random ids), exactly {args.new_tokens} new tokens (EOS suppressed by a
   minimum length), median of {args.repeats} runs, engines interleaved per run, each engine in its own process
-- Models: random weights (torch.manual_seed(0)) of the real configs, {args.precision}
+- Models: random weights (torch.manual_seed(0)) of the real configs, {PRECISION_TITLES.get(args.precision, args.precision)}
 - Repository commit when this report was written: {env['commit']}; onnxgen code each run measured (hashes of the
   runtime package's and the exporter's sources):
 
